@@ -1,0 +1,214 @@
+"""Synthetic single-cell counts with known ground truth (cell types, gene programs, batch effects).
+
+Counts are negative binomial (Gamma-Poisson) around ``library size x gene proportions``, where each
+cell type multiplies the genes of the programs it activates by a 4-16x fold change and each batch
+multiplies every gene by its own log-normal factor. Everything is drawn from one seeded
+``np.random.default_rng`` so a seed fixes the dataset.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scgpt.errors import ConfigError, DataError
+
+_CHUNK_CELLS = 4096  # cells per sampling chunk; fixed so that results depend only on the seed
+_PROGRAM_SIZE = 20
+_HOUSEKEEPING_FRACTION = 0.05  # of genes: highly expressed, never in a program
+_HOUSEKEEPING_SHARE = 0.9  # of counts taken by housekeeping genes: makes the other genes sparse
+
+
+def _check_params(n_cells: int, n_genes: int, n_cell_types: int, n_programs: int, n_batches: int) -> None:
+    for key, value in dict(
+        n_cells=n_cells, n_genes=n_genes, n_cell_types=n_cell_types, n_programs=n_programs, n_batches=n_batches
+    ).items():
+        if int(value) != value or value < 1:
+            raise ConfigError(f"synthetic data: {key}={value!r} must be a positive integer")
+
+
+def _make_programs(
+    rng: np.random.Generator, candidates: np.ndarray, n_cell_types: int, n_programs: int
+) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """Gene indices per program (n_programs, size), drawn from ``candidates``, and each type's programs."""
+    size = max(1, min(_PROGRAM_SIZE, candidates.size // (2 * n_programs)))
+    perm = rng.permutation(candidates)
+    program_genes = perm[np.arange(n_programs * size) % perm.size].reshape(n_programs, size)
+    # Each type owns program t (unique when n_programs >= n_cell_types) plus one shared extra program.
+    pool = np.arange(n_cell_types, n_programs)
+    extras = rng.choice(pool, size=n_cell_types) if pool.size else np.full(n_cell_types, -1)
+    type_programs = {
+        t: sorted({t % n_programs} | ({int(extras[t])} if extras[t] >= 0 else set())) for t in range(n_cell_types)
+    }
+    return program_genes, type_programs
+
+
+def _baseline(rng: np.random.Generator, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Baseline gene proportions (G,) and the indices of non-housekeeping genes.
+
+    A few housekeeping genes take most counts; the rest are log-normal with a wide spread, so most of
+    them are lowly expressed and the matrix is sparse as in real data.
+    """
+    base = rng.lognormal(0.0, 2.2, size=n_genes)
+    n_hk = int(n_genes * _HOUSEKEEPING_FRACTION)
+    is_hk = np.zeros(n_genes, dtype=bool)
+    if n_hk:
+        is_hk[rng.choice(n_genes, size=n_hk, replace=False)] = True
+        base[is_hk] = rng.lognormal(0.0, 0.7, size=n_hk)
+        base[is_hk] *= _HOUSEKEEPING_SHARE / base[is_hk].sum()
+        base[~is_hk] *= (1.0 - _HOUSEKEEPING_SHARE) / base[~is_hk].sum()
+    return base / base.sum(), np.flatnonzero(~is_hk)
+
+
+def _sample_chunk(
+    rng: np.random.Generator, mean: np.ndarray, shape: np.ndarray, rows: np.ndarray, lib: np.ndarray
+) -> sp.csr_matrix:
+    mu = mean[rows] * lib[:, None].astype(np.float32)  # (C, G)
+    rate = rng.standard_gamma(shape, size=mu.shape, dtype=np.float32) / shape  # mean 1, var 1/shape
+    return sp.csr_matrix(rng.poisson(mu * rate).astype(np.float32))
+
+
+def _sample_counts(
+    rng: np.random.Generator, mean: np.ndarray, shape: np.ndarray, rows: np.ndarray, lib: np.ndarray
+) -> sp.csr_matrix:
+    """Gamma-Poisson counts with mean ``lib[c] * mean[rows[c]]`` per gene.
+
+    Cells are cut into fixed chunks, each with its own spawned generator, and sampled on threads (numpy
+    releases the GIL while sampling); the result depends only on the seed, not on the thread count.
+    """
+    starts = range(0, rows.size, _CHUNK_CELLS)
+    chunk_rngs = rng.spawn(len(starts))
+    jobs = [(g, mean, shape, rows[s : s + _CHUNK_CELLS], lib[s : s + _CHUNK_CELLS]) for g, s in zip(chunk_rngs, starts)]
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1, 8)) as pool:
+        blocks = list(pool.map(lambda job: _sample_chunk(*job), jobs))
+    return sp.vstack(blocks, format="csr", dtype=np.float32)
+
+
+def _fill_empty_cells(rng: np.random.Generator, x: sp.csr_matrix) -> sp.csr_matrix:
+    """Add one count to a random gene of every cell that has no counts."""
+    empty = np.flatnonzero(np.diff(x.indptr) == 0)
+    if empty.size:
+        genes = rng.integers(0, x.shape[1], size=empty.size)
+        ones = sp.csr_matrix((np.ones(empty.size, np.float32), (empty, genes)), shape=x.shape)
+        x = (x + ones).tocsr()
+    return x
+
+
+def make_synthetic_adata(
+    n_cells: int = 2000,
+    n_genes: int = 500,
+    n_cell_types: int = 5,
+    n_programs: int | None = None,
+    n_batches: int = 1,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Synthetic raw counts; ``X`` is CSR float32 holding integers, ground truth is in ``obs`` and ``uns``."""
+    n_programs = 2 * n_cell_types if n_programs is None else n_programs
+    _check_params(n_cells, n_genes, n_cell_types, n_programs, n_batches)
+    rng = np.random.default_rng(seed)
+
+    # Genes: baseline proportions (most genes low), per-gene NB dispersion 0.2-0.5, programs.
+    base, candidates = _baseline(rng, n_genes)  # (G,)
+    dispersion = rng.uniform(0.2, 0.5, size=n_genes)
+    program_genes, type_programs = _make_programs(rng, candidates, n_cell_types, n_programs)
+
+    # Cell types activate programs: multiply their genes by a 4-16x fold change.
+    type_mult = np.ones((n_cell_types, n_genes))  # (T, G)
+    for t, progs in type_programs.items():  # loop over types, not cells
+        for p in progs:
+            type_mult[t, program_genes[p]] *= np.exp(rng.uniform(np.log(4.0), np.log(16.0)))
+
+    # Batches: multiplicative gene effects and library-size shifts.
+    if n_batches > 1:
+        batch_mult = rng.lognormal(0.0, 0.3, size=(n_batches, n_genes))  # (B, G)
+        batch_lib = rng.normal(0.0, 0.3, size=n_batches)
+    else:
+        batch_mult, batch_lib = np.ones((1, n_genes)), np.zeros(1)
+
+    # Cells: balanced, shuffled type and batch labels; log-normal library size (median ~3000).
+    cell_type = rng.permutation(np.arange(n_cells) % n_cell_types)
+    batch = rng.permutation(np.arange(n_cells) % n_batches)
+    lib = np.exp(np.log(3000.0) + batch_lib[batch] + rng.normal(0.0, 0.4, size=n_cells))
+
+    # Per (type, batch) gene proportions, then counts.
+    prop = base[None, None, :] * type_mult[:, None, :] * batch_mult[None, :, :]  # (T, B, G)
+    prop = (prop / prop.sum(-1, keepdims=True)).reshape(n_cell_types * n_batches, n_genes)
+    shape = (1.0 / dispersion).astype(np.float32)
+    x = _sample_counts(rng, prop.astype(np.float32), shape, cell_type * n_batches + batch, lib)
+    x = _fill_empty_cells(rng, x)
+
+    var_names = np.array([f"SYN{i:05d}" for i in range(n_genes)])
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical.from_codes(cell_type, [f"type_{t}" for t in range(n_cell_types)]),
+            "batch": pd.Categorical.from_codes(batch, [f"batch_{b}" for b in range(n_batches)]),
+        },
+        index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
+    )
+    adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(var_names)))
+    adata.uns["gene_programs"] = {f"program_{p}": var_names[g].tolist() for p, g in enumerate(program_genes)}
+    adata.uns["cell_type_programs"] = {
+        f"type_{t}": [f"program_{p}" for p in progs] for t, progs in type_programs.items()
+    }
+    adata.uns["synthetic"] = {
+        k: int(v) for k, v in dict(
+            n_cells=n_cells, n_genes=n_genes, n_cell_types=n_cell_types, n_programs=n_programs,
+            n_batches=n_batches, seed=seed,
+        ).items()
+    }
+    return adata
+
+
+def _resolve_params(params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        bound = inspect.signature(make_synthetic_adata).bind(**params)
+    except TypeError as e:
+        raise ConfigError(f"synthetic data: {e}; valid keys are those of make_synthetic_adata") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def default_dataset_path(cache_dir: str | os.PathLike[str] | None = None, **params: Any) -> Path:
+    """``<cache_dir>/synthetic_<cells>x<genes>_t<types>_b<batches>_s<seed>.h5ad`` (cache: $SCGPT_CACHE)."""
+    p = _resolve_params(params)
+    if cache_dir is None:
+        cache_dir = os.environ.get("SCGPT_CACHE") or Path.home() / ".cache" / "scgpt"
+    name = f"synthetic_{p['n_cells']}x{p['n_genes']}_t{p['n_cell_types']}_b{p['n_batches']}_s{p['seed']}"
+    if p["n_programs"] is not None:
+        name += f"_p{p['n_programs']}"
+    return Path(cache_dir).expanduser() / f"{name}.h5ad"
+
+
+def _restore_uns(adata: ad.AnnData) -> ad.AnnData:
+    """h5ad stores lists as arrays; give back the plain lists and ints ``make_synthetic_adata`` returns."""
+    for key in ("gene_programs", "cell_type_programs"):
+        adata.uns[key] = {k: [str(v) for v in vals] for k, vals in adata.uns.get(key, {}).items()}
+    adata.uns["synthetic"] = {k: int(v) for k, v in adata.uns.get("synthetic", {}).items()}
+    return adata
+
+
+def load_or_make_synthetic(cache_dir: str | os.PathLike[str] | None = None, **params: Any) -> ad.AnnData:
+    """Read the cached synthetic dataset, or make it and write it atomically first."""
+    path = default_dataset_path(cache_dir, **params)
+    if path.exists():
+        try:
+            return _restore_uns(ad.read_h5ad(path))
+        except Exception as e:  # noqa: BLE001 - any unreadable cache file is the same user error
+            raise DataError(f"{path}: cannot read cached synthetic dataset ({e}); delete it to regenerate") from None
+    adata = make_synthetic_adata(**params)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return adata

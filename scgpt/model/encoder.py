@@ -1,0 +1,81 @@
+"""Transformer encoder layers that run on padded (B, L, D) or packed (T, D) tokens.
+
+Parameter names follow torch's ``nn.TransformerEncoderLayer`` (``self_attn.in_proj_weight`` with
+rows [q; k; v], ``linear1``, ``linear2``, ``norm1``, ``norm2``), which is the original scGPT layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scgpt.model.attention import AttentionBackend
+from scgpt.model.layout import TokenLayout
+
+
+class SelfAttention(nn.Module):
+    """Fused q/k/v projection, a pluggable attention backend, output projection."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend) -> Tensor:
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (..., 3D)
+        qkv = qkv.unflatten(-1, (3, self.n_heads, -1))  # (..., 3, H, Dh)
+        if layout.is_packed:
+            q, k, v = qkv.unbind(dim=-3)  # (T, H, Dh)
+            out = backend.packed(q, k, v, layout.cu_seqlens, layout.max_seqlen, gen_mask)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # (B, H, L, Dh)
+            out = backend.padded(q, k, v, layout.padding_mask, gen_mask).transpose(1, 2)  # (B, L, H, Dh)
+        return self.out_proj(out.flatten(-2))  # (..., D)
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention + ReLU FFN of width ``d_hid``, post-norm (scGPT) or pre-norm."""
+
+    def __init__(self, d_model: int, n_heads: int, d_hid: int, dropout: float, norm_scheme: str, eps: float) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(d_model, n_heads)
+        self.linear1 = nn.Linear(d_model, d_hid)
+        self.linear2 = nn.Linear(d_hid, d_model)
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.pre_norm = norm_scheme == "pre"
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+
+    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend) -> Tensor:
+        if self.pre_norm:
+            x = x + self.dropout1(self.self_attn(self.norm1(x), layout, gen_mask, backend))
+            return x + self._ffn(self.norm2(x))
+        x = self.norm1(x + self.dropout1(self.self_attn(x, layout, gen_mask, backend)))
+        return self.norm2(x + self._ffn(x))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of encoder layers; pre-norm stacks end with a final LayerNorm."""
+
+    def __init__(self, cfg, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.backend = backend
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg.d_model, cfg.n_heads, cfg.d_hid, cfg.dropout, cfg.norm_scheme, cfg.layer_norm_eps)
+            for _ in range(cfg.n_layers)
+        )
+        self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_scheme == "pre" else None
+
+    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, layout, gen_mask, self.backend)
+        return x if self.final_norm is None else self.final_norm(x)

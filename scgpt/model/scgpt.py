@@ -1,0 +1,94 @@
+"""The scGPT model: input embedding -> transformer encoder -> cell embedding and heads.
+
+Pure torch. Which heads exist is fixed by :class:`~scgpt.config.ModelConfig`, not by call flags;
+``forward`` runs every head the model has and returns them in one :class:`ScGPTOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from scgpt.config import ModelConfig
+from scgpt.model.attention import AttentionBackend, build_attention_backend
+from scgpt.model.embeddings import InputEmbedding
+from scgpt.model.encoder import TransformerEncoder
+from scgpt.model.heads import BatchDiscriminator, ClassifierHead, ExpressionDecoder, MVCDecoder
+from scgpt.model.layout import TokenLayout
+
+
+@dataclass
+class ScGPTOutput:
+    """Per-token tensors are (B, L) padded or (T,) packed, like the input; per-cell are (B, ...)."""
+
+    token_states: Tensor  # (B, L, D) | (T, D)
+    cell_emb: Tensor  # (B, D)
+    expr_pred: Tensor  # (B, L) | (T,)
+    expr_zero_logit: Tensor | None = None
+    mvc_pred: Tensor | None = None
+    mvc_zero_logit: Tensor | None = None
+    cls_logits: Tensor | None = None  # (B, C)
+    batch_logits: Tensor | None = None  # (B, n_batches), behind gradient reversal
+
+
+class ScGPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embedding = InputEmbedding(cfg)
+        self.transformer_encoder = TransformerEncoder(cfg, backend or build_attention_backend(cfg.attention_backend))
+        self.batch_encoder = None
+        if cfg.n_batch_labels:
+            self.batch_encoder = nn.Sequential(nn.Embedding(cfg.n_batch_labels, d), nn.LayerNorm(d, eps=cfg.layer_norm_eps))
+        d_dec = 2 * d if cfg.n_batch_labels else d
+        self.decoder = ExpressionDecoder(d_dec, d, cfg.explicit_zero_prob)
+        self.mvc_decoder = MVCDecoder(d, d_dec, cfg.explicit_zero_prob) if cfg.mvc_decoder else None
+        self.cls_decoder = ClassifierHead(d, cfg.n_cls_classes, cfg.n_layers_cls) if cfg.n_cls_classes else None
+        self.batch_discriminator = BatchDiscriminator(d, cfg.n_batch_labels) if cfg.batch_discriminator else None
+
+    @property
+    def attention_backend(self) -> str:
+        return self.transformer_encoder.backend.name
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        self.transformer_encoder.backend = backend
+
+    def pool(self, token_states: Tensor, values: Tensor, layout: TokenLayout) -> Tensor:
+        """Cell embedding (B, D) by ``cfg.cell_emb_style``: ``<cls>`` state, mean, or value-weighted mean."""
+        style = self.cfg.cell_emb_style
+        if style == "cls":
+            return layout.first_tokens(token_states)
+        real = layout.token_mask().to(token_states.dtype)  # (B, L) | (T,)
+        if style == "avg-pool":
+            return layout.weighted_mean(token_states, real)
+        weights = values.clamp(min=0).to(token_states.dtype) * real  # w-pool: expression-weighted
+        return nn.functional.normalize(layout.weighted_mean(token_states, weights), dim=-1)
+
+    def encode(self, gene_ids: Tensor, values: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None,
+               modality_ids: Tensor | None = None, perturbation_flags: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (token states, gene embeddings, cell embedding)."""
+        x, gene_embs = self.embedding(gene_ids, values, modality_ids, perturbation_flags)
+        states = self.transformer_encoder(x, layout, gen_mask)
+        return states, gene_embs, self.pool(states, values, layout)
+
+    def forward(self, gene_ids: Tensor, values: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None,
+                batch_labels: Tensor | None = None, modality_ids: Tensor | None = None,
+                perturbation_flags: Tensor | None = None) -> ScGPTOutput:
+        states, gene_embs, cell_emb = self.encode(gene_ids, values, layout, gen_mask, modality_ids, perturbation_flags)
+        dec_in, cell_dec = states, cell_emb
+        if self.batch_encoder is not None:
+            batch_emb = self.batch_encoder(batch_labels)  # (B, D)
+            dec_in = torch.cat([states, layout.broadcast(batch_emb).expand_as(states)], dim=-1)
+            cell_dec = torch.cat([cell_emb, batch_emb], dim=-1)
+        expr, expr_zero = self.decoder(dec_in)
+        out = ScGPTOutput(token_states=states, cell_emb=cell_emb, expr_pred=expr, expr_zero_logit=expr_zero)
+        if self.mvc_decoder is not None:
+            out.mvc_pred, out.mvc_zero_logit = self.mvc_decoder(gene_embs, layout.broadcast(cell_dec))
+        if self.cls_decoder is not None:
+            out.cls_logits = self.cls_decoder(cell_emb)
+        if self.batch_discriminator is not None:
+            out.batch_logits = self.batch_discriminator(cell_emb)
+        return out

@@ -1,0 +1,117 @@
+"""Synthetic single-cell data: deterministic, realistic counts with known ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from data_modules.synthetic import default_dataset_path, load_or_make_synthetic, make_synthetic_adata
+
+SMALL = dict(n_cells=600, n_genes=300, n_cell_types=3)
+
+
+@pytest.fixture(scope="module")
+def adata():
+    return make_synthetic_adata(**SMALL, seed=0)
+
+
+def test_deterministic_for_a_seed(adata):
+    again = make_synthetic_adata(**SMALL, seed=0)
+    assert (adata.X != again.X).nnz == 0
+    assert adata.obs.equals(again.obs)
+    assert adata.uns["gene_programs"] == again.uns["gene_programs"]
+
+
+def test_different_seeds_differ(adata):
+    other = make_synthetic_adata(**SMALL, seed=1)
+    assert (adata.X != other.X).nnz > 0
+
+
+def test_counts_are_non_negative_integers_in_float32_csr(adata):
+    assert isinstance(adata.X, sp.csr_matrix) and adata.X.dtype == np.float32
+    data = adata.X.data
+    assert (data >= 0).all()
+    np.testing.assert_array_equal(data, np.round(data))
+
+
+def test_sparsity_is_realistic():
+    x = make_synthetic_adata(seed=0).X  # defaults: 2000 cells x 500 genes
+    zeros = 1.0 - x.nnz / (x.shape[0] * x.shape[1])
+    assert 0.60 <= zeros <= 0.97
+    median_library = np.median(np.asarray(x.sum(axis=1)).ravel())
+    assert 1500 <= median_library <= 6000
+
+
+def test_no_empty_cells(adata):
+    assert (np.diff(adata.X.indptr) > 0).all()
+    tiny = make_synthetic_adata(n_cells=200, n_genes=20, n_cell_types=2, seed=3)
+    assert (np.asarray(tiny.X.sum(axis=1)).ravel() > 0).all()
+
+
+def test_labels_and_names(adata):
+    assert list(adata.obs["cell_type"].cat.categories) == ["type_0", "type_1", "type_2"]
+    assert list(adata.obs["batch"].cat.categories) == ["batch_0"]
+    assert adata.obs_names[0] == "cell_0" and adata.var_names[0] == "SYN00000"
+    assert adata.uns["synthetic"]["n_programs"] == 6
+    programs = adata.uns["gene_programs"]
+    assert all(set(genes) <= set(adata.var_names) for genes in programs.values())
+    assert all(set(p) <= set(programs) for p in adata.uns["cell_type_programs"].values())
+
+
+def test_program_genes_higher_in_their_cell_type(adata):
+    x = adata.X.toarray()
+    x = x / x.sum(axis=1, keepdims=True)  # normalise away library size
+    types = adata.obs["cell_type"].to_numpy()
+    owners = {}
+    for t, progs in adata.uns["cell_type_programs"].items():
+        for p in progs:
+            owners.setdefault(p, set()).add(t)
+    for t, progs in adata.uns["cell_type_programs"].items():
+        own = [p for p in progs if owners[p] == {t}]  # programs no other type activates
+        assert own, f"{t} has no program of its own"
+        genes = adata.var_names.get_indexer([g for p in own for g in adata.uns["gene_programs"][p]])
+        score = {u: x[types == u][:, genes].sum(axis=1).mean() for u in adata.uns["cell_type_programs"]}
+        assert all(score[t] > 2.0 * score[u] for u in score if u != t), (t, score)
+
+
+def _batch_log_ratios(adata):
+    x = adata.X.toarray()
+    x = x / x.sum(axis=1, keepdims=True)
+    b = adata.obs["batch"].cat.codes.to_numpy()
+    t = adata.obs["cell_type"].to_numpy() == "type_0"  # same type, so only batch differs
+    m0, m1 = x[t & (b == 0)].mean(0), x[t & (b == 1)].mean(0)
+    expressed = (m0 > 1e-3) & (m1 > 1e-3)
+    return np.log(m0[expressed] / m1[expressed])
+
+
+def test_batch_effects_present_with_two_batches():
+    two = make_synthetic_adata(n_cells=2000, n_genes=300, n_cell_types=2, n_batches=2, seed=0)
+    assert list(two.obs["batch"].cat.categories) == ["batch_0", "batch_1"]
+    one = make_synthetic_adata(n_cells=2000, n_genes=300, n_cell_types=2, n_batches=1, seed=0)
+    fake = one.obs["batch"].cat.add_categories(["batch_1"])
+    fake[np.arange(one.n_obs) % 2 == 1] = "batch_1"  # an arbitrary split of one batch
+    one.obs["batch"] = fake
+    assert np.std(_batch_log_ratios(two)) > 2.0 * np.std(_batch_log_ratios(one))
+
+
+def test_load_or_make_writes_once_and_rereads(tmp_path):
+    params = dict(n_cells=100, n_genes=50, n_cell_types=2, seed=4)
+    path = default_dataset_path(tmp_path, **params)
+    assert path == tmp_path / "synthetic_100x50_t2_b1_s4.h5ad"
+    made = load_or_make_synthetic(tmp_path, **params)
+    assert path.exists()
+    mtime = path.stat().st_mtime_ns
+    read = load_or_make_synthetic(tmp_path, **params)
+    assert path.stat().st_mtime_ns == mtime  # not rewritten
+    assert (made.X != read.X).nnz == 0
+    assert read.uns["gene_programs"] == made.uns["gene_programs"]
+    assert read.uns["synthetic"] == made.uns["synthetic"]
+    assert list(read.obs["cell_type"].cat.categories) == ["type_0", "type_1"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_default_cache_dir_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCGPT_CACHE", str(tmp_path / "cache"))
+    assert default_dataset_path().parent == tmp_path / "cache"
+    assert default_dataset_path().name == "synthetic_2000x500_t5_b1_s0.h5ad"
