@@ -1,0 +1,151 @@
+"""``scgpt-train``: a Hydra entry point around :func:`train`, a pure function of the config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from data_modules.datamodule import EpochSync
+from scgpt.config import ModelConfig
+from scgpt.errors import CheckpointError, ConfigError, ScgptError
+from scgpt.io import write_json_atomic, write_text_atomic
+from scgpt.model.attention import build_attention_backend
+from scgpt.paths import config_dir
+from scgpt.tasks.callbacks import ThroughputMonitor
+
+log = logging.getLogger("scgpt")
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes the trainer config will start: devices per node x nodes."""
+    devices = trainer_cfg.get("devices", 1)
+    if devices in ("auto", -1, "-1"):
+        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    return max(1, int(devices)) * int(trainer_cfg.get("num_nodes", 1))
+
+
+def gradient_accumulation(cfg: DictConfig) -> int:
+    """global batch = per-device batch x world size x accumulation; the division must be exact."""
+    per_device, world = int(cfg.data.per_device_batch_size), world_size(cfg.trainer)
+    global_batch = int(cfg.data.get("global_batch_size") or per_device * world)
+    if global_batch % (per_device * world):
+        raise ConfigError(f"data.global_batch_size: {global_batch} is not a multiple of per_device_batch_size "
+                          f"{per_device} x {world} devices; pick a multiple of {per_device * world}")
+    return global_batch // (per_device * world)
+
+
+def model_settings(cfg: DictConfig, datamodule) -> dict[str, Any]:
+    """The model config with the vocabulary (and label counts) of the data filled in, validated."""
+    settings = OmegaConf.to_container(cfg.model, resolve=True)
+    vocab = datamodule.vocab
+    settings.update(vocab_size=vocab.size, pad_token_id=vocab.pad_id)
+    if settings.get("n_batch_labels") == "auto":
+        settings["n_batch_labels"] = datamodule.n_classes("batch")
+    ModelConfig.from_mapping(settings)  # raises ConfigError naming the key
+    build_attention_backend(settings.get("attention_backend", "sdpa"))  # flash_attn without CUDA fails here
+    return settings
+
+
+def _strategy(cfg: DictConfig):
+    return instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.get("name", "auto")
+
+
+def _logger(cfg: DictConfig):
+    return instantiate(cfg.logger) if "_target_" in cfg.logger else False
+
+
+def _check_resume(ckpt_path: str | None) -> str | None:
+    if ckpt_path is None:
+        return None
+    if not Path(ckpt_path).exists():
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint; give a path to a last.ckpt of an earlier run")
+    return str(ckpt_path)
+
+
+def build_task(cfg: DictConfig, model: dict[str, Any]) -> L.LightningModule:
+    task = cfg.task
+    return instantiate(task.module, model=model,
+                       objectives=OmegaConf.to_container(task.objectives, resolve=True),
+                       objective_options=OmegaConf.to_container(task.get("objective_options", {}), resolve=True),
+                       optimizer=instantiate(task.optimizer), scheduler=instantiate(task.get("scheduler")),
+                       _convert_="all")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job described by ``cfg``; returns (and writes) the run summary."""
+    run_dir = Path(cfg.run_dir)
+    resume = _check_resume(cfg.get("ckpt_path"))
+    accumulate = gradient_accumulation(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    model = model_settings(cfg, datamodule)
+    task = build_task(cfg, model)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_train_steps=int(cfg.checkpoint.every_n_train_steps))
+    throughput = ThroughputMonitor()
+    callbacks = [checkpoints, throughput, EpochSync()]
+    logger = _logger(cfg)
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=logger, callbacks=callbacks,
+                          accumulate_grad_batches=accumulate, default_root_dir=str(run_dir))
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.perf_counter()
+    trainer.fit(task, datamodule=datamodule, ckpt_path=resume, weights_only=True)  # no pickled code
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last, weights_only=False)  # full state; the final state, whatever the checkpoint interval
+    summary = {
+        "task": cfg.task.name,
+        "global_step": int(trainer.global_step),
+        "cells_seen": int(task.cells_seen),
+        "train_loss_first": None if task.first_loss is None else float(task.first_loss),
+        "train_loss_last": None if task.last_loss is None else float(task.last_loss),
+        "val": {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "cells_per_s": throughput.cells_per_s,
+        "tokens_per_s": throughput.tokens_per_s,
+        "attention_backend": task.model.attention_backend,
+        "checkpoint": str(last),
+        "resumed_from": resume,
+        "world_size": trainer.world_size,
+        "wall_seconds": time.perf_counter() - started,
+        "run_dir": str(run_dir),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        summary = train(cfg)
+    except ScgptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        print(summary["run_dir"])
+
+
+def main() -> None:
+    """Console entry point ``scgpt-train``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
