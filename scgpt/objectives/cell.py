@@ -9,7 +9,8 @@ from scgpt.objectives.base import Objective
 
 
 class ElasticCellSimilarity(Objective):
-    """ECS: pull cosine similarities between different cells towards ``threshold`` (scGPT's ecs_thres)."""
+    """ECS: push cosine similarities between different cells away from ``threshold`` (scGPT's ecs_thres):
+    pairs more similar than it are pulled together, less similar ones pushed apart."""
 
     name = "ecs"
 

@@ -1,0 +1,99 @@
+"""Attention backends agree with the reference, padded and unpadded, with and without the generative mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scgpt.model.attention import (
+    ReferenceAttention,
+    SdpaAttention,
+    VarlenAttention,
+    build_attention_backend,
+    flash_attn_available,
+    torch_varlen_kernel,
+)
+from scgpt.model.layout import pack_padded
+from scgpt.errors import ConfigError
+
+from conftest import random_tokens
+
+BACKENDS = {
+    "reference": ReferenceAttention(),
+    "sdpa": SdpaAttention(),
+    # flash-attn's unpadded varlen path with a plain-torch kernel in place of the CUDA one
+    "varlen": VarlenAttention(torch_varlen_kernel, "torch_varlen"),
+}
+
+
+def _qkv(lengths, heads=2, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(lengths), heads, max(lengths), dim)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    _, _, padding, gen = random_tokens(lengths, seed=seed)
+    return q, k, v, padding, gen
+
+
+def _packed(t, padding):  # (B, H, L, Dh) -> (T, H, Dh)
+    return pack_padded(t.transpose(1, 2), padding)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("generative", [False, True])
+def test_backend_matches_reference_padded_and_packed(name, generative):
+    q, k, v, padding, gen = _qkv([7, 3, 12, 1])
+    gen = gen if generative else None
+    expected = ReferenceAttention().padded(q, k, v, padding, gen)  # (B, H, L, Dh)
+    backend = BACKENDS[name]
+    padded = backend.padded(q, k, v, padding, gen)
+    torch.testing.assert_close(padded.transpose(1, 2)[~padding], expected.transpose(1, 2)[~padding])
+    (pq, layout), (pk, _), (pv, _) = (_packed(t, padding) for t in (q, k, v))
+    packed_gen = None if gen is None else gen[~padding]
+    packed = backend.packed(pq, pk, pv, layout.cu_seqlens, layout.max_seqlen, packed_gen)
+    torch.testing.assert_close(packed, expected.transpose(1, 2)[~padding])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_generative_mask_hides_generated_keys_from_other_queries(name):
+    q, k, v, padding, gen = _qkv([10, 10], seed=1)
+    base = BACKENDS[name].padded(q, k, v, padding, gen)
+    k2, v2 = k.clone(), v.clone()
+    k2.transpose(1, 2)[gen] += 5.0  # (B, L, H, Dh) view: change every generated token's key and value
+    v2.transpose(1, 2)[gen] += 3.0
+    changed = BACKENDS[name].padded(q, k2, v2, padding, gen)
+    known = ~gen & ~padding
+    torch.testing.assert_close(changed.transpose(1, 2)[known], base.transpose(1, 2)[known])
+    assert not torch.allclose(changed.transpose(1, 2)[gen], base.transpose(1, 2)[gen])  # each sees itself
+
+
+def test_padding_keys_are_ignored():
+    q, k, v, padding, _ = _qkv([9, 4])
+    k2, v2 = k.clone(), v.clone()
+    k2.transpose(1, 2)[padding] = 100.0
+    v2.transpose(1, 2)[padding] = -100.0
+    for backend in BACKENDS.values():
+        a, b = backend.padded(q, k, v, padding, None), backend.padded(q, k2, v2, padding, None)
+        torch.testing.assert_close(a.transpose(1, 2)[~padding], b.transpose(1, 2)[~padding])
+
+
+def test_unknown_backend_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.attention_backend"):
+        build_attention_backend("xformers")
+
+
+@pytest.mark.skipif(flash_attn_available(), reason="flash-attn with CUDA is available here")
+def test_flash_attn_without_cuda_is_a_config_error():
+    with pytest.raises(ConfigError, match="flash_attn needs CUDA"):
+        build_attention_backend("flash_attn")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_attn_available(), reason="needs CUDA and flash-attn")
+@pytest.mark.parametrize("generative", [False, True])
+def test_flash_attn_matches_reference_on_gpu(generative):
+    q, k, v, padding, gen = (t.cuda() for t in _qkv([70, 33, 128, 5], heads=4, dim=32))
+    gen = gen if generative else None
+    expected = ReferenceAttention().padded(q.float(), k.float(), v.float(), padding, gen)
+    out = build_attention_backend("flash_attn").padded(q.bfloat16(), k.bfloat16(), v.bfloat16(), padding, gen)
+    torch.testing.assert_close(out.float().transpose(1, 2)[~padding], expected.transpose(1, 2)[~padding],
+                               atol=3e-2, rtol=3e-2)
