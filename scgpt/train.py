@@ -60,6 +60,18 @@ def model_settings(cfg: DictConfig, datamodule) -> dict[str, Any]:
     return settings
 
 
+def export_metadata(cfg: DictConfig, datamodule) -> dict[str, Any]:
+    """What a checkpoint needs beyond weights to tokenize new cells: vocabulary and tokenizer settings."""
+    data = cfg.data
+    return {
+        "vocab": datamodule.vocab.token_to_id,
+        "tokenizer": {"n_bins": int(data.n_bins), "max_seq_len": int(data.max_seq_len),
+                      "pad_value": float(data.pad_value), "mask_value": float(data.mask_value),
+                      "include_zero_genes": bool(data.include_zero_genes)},
+        "data_fingerprint": getattr(datamodule, "fingerprint", None),
+    }
+
+
 def _strategy(cfg: DictConfig):
     return instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.get("name", "auto")
 
@@ -94,6 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     model = model_settings(cfg, datamodule)
     task = build_task(cfg, model)
+    task.export_metadata = export_metadata(cfg, datamodule)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                   every_n_train_steps=int(cfg.checkpoint.every_n_train_steps))
     throughput = ThroughputMonitor()

@@ -35,6 +35,7 @@ class PretrainTask(L.LightningModule):
         self.cells_seen = 0
         self.first_loss: Tensor | None = None
         self.last_loss: Tensor | None = None
+        self.export_metadata: dict[str, Any] = {}  # vocabulary and tokenizer settings, set by train()
 
     def configure_model(self) -> None:
         """Built here, not in __init__, so that DeepSpeed ZeRO-3 can shard parameters as they are made."""
@@ -102,7 +103,8 @@ class PretrainTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["scgpt"] = {"cells_seen": self.cells_seen, "attention_backend": self.model.attention_backend}
+        checkpoint["scgpt"] = {"cells_seen": self.cells_seen, "attention_backend": self.model.attention_backend,
+                               **self.export_metadata}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.cells_seen = int(checkpoint.get("scgpt", {}).get("cells_seen", 0))
