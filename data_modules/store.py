@@ -42,7 +42,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from data_modules.cells import CellTable
 from scgpt.errors import DataError
-from scgpt.tokenizer.vocab import SPECIAL_TOKENS, GeneVocab
+from scgpt.tokenizer.vocab import GeneVocab
 
 FORMAT_VERSION = 1
 DATA_CHUNK, DATA_SHARD = 131_072, 16 * 131_072  # nonzeros per chunk / per shard
@@ -160,8 +160,8 @@ class _TenxH5Source(_Source):
                             "pass a v3 .h5 or convert it to .h5ad first")
         m = self._m = f["matrix"]
         self._n_genes, self.n_cells = (int(v) for v in m["shape"][:])
-        names = m["features/name"][:].astype(str)
-        ids = m["features/id"][:].astype(str)
+        names = np.asarray(m["features/name"].asstr()[:], dtype=str)
+        ids = np.asarray(m["features/id"].asstr()[:], dtype=str)
         if gene_column in ("gene_ids", "id"):
             names = ids
         elif gene_column not in (None, "name"):
@@ -178,7 +178,7 @@ class _TenxH5Source(_Source):
             yield sp.csr_matrix((data, indices, ip - a), shape=(len(ip) - 1, self._n_genes))
 
     def obs_names(self) -> np.ndarray:
-        return self._m["barcodes"][:].astype(str)
+        return np.asarray(self._m["barcodes"].asstr()[:], dtype=str)
 
     def close(self) -> None:
         self._file.close()
@@ -423,8 +423,12 @@ def _progress(enabled: bool):
 
 
 class _StoreWriter:
-    def __init__(self, sources: list[_Source], out: Path, vocab: GeneVocab, chunk_cells: int, seed: int) -> None:
-        self.sources, self.out, self.vocab, self.chunk, self.seed = sources, out, vocab, chunk_cells, seed
+    """Two passes with memory bounded by ``chunk_cells``: scatter validated rows into on-disk buckets of
+    output positions, then sort each bucket and append it to X."""
+
+    def __init__(self, sources: list[_Source], vocab: GeneVocab, obs_keys: list[str], chunk_cells: int,
+                 seed: int) -> None:
+        self.sources, self.obs_keys, self.chunk = sources, obs_keys, chunk_cells
         genes = pd.Index(pd.unique(np.concatenate([s.genes for s in sources])))
         self.n_genes_input = len(genes)
         self.genes = genes[vocab.encode(list(genes)) >= 0]
@@ -554,9 +558,18 @@ def _create_x(group: zarr.Group, n_cells: int, n_genes: int, nnz: int) -> zarr.G
     return x
 
 
-def _write_store(sources: list[_Source], out: str | os.PathLike, *, vocab: GeneVocab | None, vocab_name: str,
-                 obs_keys: Sequence[str] | None, min_vocab_overlap: float, chunk_cells: int, seed: int,
-                 overwrite: bool, created_by: str, progress: bool, extra_uns: dict | None = None) -> StoreReport:
+def _write_store(sources: list[_Source], out: str | os.PathLike, **kwargs) -> StoreReport:
+    try:
+        return _validate_and_write(sources, out, **kwargs)
+    finally:
+        for source in sources:
+            source.close()
+
+
+def _validate_and_write(sources: list[_Source], out: str | os.PathLike, *, vocab: GeneVocab | None,
+                        vocab_name: str, obs_keys: Sequence[str] | None, min_vocab_overlap: float,
+                        chunk_cells: int, seed: int, overwrite: bool, created_by: str, progress: bool,
+                        extra_uns: dict | None = None) -> StoreReport:
     import time
 
     start_time, out = time.perf_counter(), Path(out)
@@ -581,8 +594,7 @@ def _write_store(sources: list[_Source], out: str | os.PathLike, *, vocab: GeneV
             if key not in source.obs_columns:
                 raise DataError(f"{source.path}: obs has no column {key!r}; available: "
                                 f"{', '.join(source.obs_columns) or 'none'}; fix --obs-keys")
-    writer = _StoreWriter(sources, out, vocab, chunk_cells, seed)
-    writer.obs_keys = list(obs_keys)
+    writer = _StoreWriter(sources, vocab, list(obs_keys), chunk_cells, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -617,8 +629,6 @@ def _write_store(sources: list[_Source], out: str | os.PathLike, *, vocab: GeneV
             zarr.consolidate_metadata(str(tmp / "store"))
         _replace(tmp / "store", out)
     finally:
-        for source in sources:
-            source.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return StoreReport(out, n_cells, meta["n_cells_dropped"], len(writer.genes), writer.n_genes_input,
                        writer.nnz, meta["fingerprint"], time.perf_counter() - start_time, meta["sources"])
@@ -646,6 +656,8 @@ def convert_to_store(inputs: Sequence[str | os.PathLike], out: str | os.PathLike
     from the input genes (first-seen order). ``obs_keys=None`` keeps the obs columns all inputs share."""
     if not inputs:
         raise DataError("no input files given; pass at least one .h5ad, .h5, mtx directory or .csv/.tsv")
+    if Path(out).exists() and not overwrite:  # before reading any input
+        raise DataError(f"{out}: output exists; pass --overwrite to replace it")
     vocab_name = str(vocab) if vocab is not None else "built from the inputs"
     if vocab is not None and not isinstance(vocab, GeneVocab):
         vocab = GeneVocab.load(vocab)

@@ -151,8 +151,9 @@ def _inspect(args: argparse.Namespace, created_by: str) -> None:
     if "vocab_overlap" in summary:
         ov = summary["vocab_overlap"]
         print(f"vocab overlap: {ov['matched']} of {summary['genes']} genes ({100 * ov['share']:.1f}%) in {ov['vocab']}")
-    print("obs columns  : " + (", ".join(f"{c} ({n} categories)" if n != "numeric" else f"{c} (numeric)"
-                                         for c, n in summary["obs_columns"].items()) or "none"))
+    columns = [f"{c} (numeric)" if n == "numeric" else f"{c} ({n} categor{'y' if n == 1 else 'ies'})"
+               for c, n in summary["obs_columns"].items()]
+    print("obs columns  : " + (", ".join(columns) or "none"))
     print(f"shuffle seed : {summary['shuffle_seed']}")
     print(f"fingerprint  : {summary['fingerprint']}"
           + ("" if "fingerprint_verified" not in summary else

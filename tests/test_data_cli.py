@@ -168,3 +168,26 @@ def test_synth_inspect_and_vocab(tmp_path, capsys):
     capsys.readouterr()
     _run_error(capsys, ["vocab", "--genes", str(genes), "-o", str(tmp_path / "v2.json")], tmp_path, "--overwrite")
     _run_error(capsys, ["inspect", str(tmp_path / "nope.zarr")], tmp_path, "nope.zarr")
+
+
+def test_gene_column_picks_names_and_keeps_ensembl_ids(adata, tmp_path, capsys):
+    ens = adata.copy()
+    ens.var["symbol"] = list(adata.var_names)
+    ens.var_names = [f"ENSG{i:011d}" for i in range(ens.n_vars)]
+    path = _write(tmp_path / "ens.h5ad", ens)
+    assert main(["convert", path, "-o", str(tmp_path / "o.zarr"), "--gene-column", "symbol"]) == 0
+    var = ad.read_zarr(tmp_path / "o.zarr").var
+    assert list(var.index) == list(adata.var_names) and list(var["gene_ids"]) == list(ens.var_names)
+    capsys.readouterr()
+    _run_error(capsys, ["convert", path, "-o", str(tmp_path / "p.zarr"), "--gene-column", "name"],
+               tmp_path, "ens.h5ad", "'name'", "symbol")
+
+
+def test_console_entry_point_prints_one_line_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "scgpt.data_cli", "inspect", str(tmp_path / "missing.zarr")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    assert "missing.zarr" in done.stderr and "Traceback" not in done.stderr
