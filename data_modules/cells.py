@@ -1,7 +1,7 @@
-"""An in-memory table of cells: CSR raw counts with vocabulary gene ids and integer-coded labels.
+"""A block of cells in memory: CSR raw counts with vocabulary gene ids and integer-coded labels.
 
-The streaming Zarr store reads into the same shape a block at a time; the collator only ever sees
-cells as ``{"gene_ids", "counts", <label>: int}`` dicts produced by :meth:`CellTable.cells`.
+Cell stores read into this shape a block at a time; the collator only ever sees cells as
+``{"gene_ids", "counts", <label>: int}`` dicts produced by :meth:`CellTable.cells`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt.errors import DataError
-from scgpt.tokenizer.vocab import GeneVocab
 
 
 @dataclass
@@ -37,26 +35,20 @@ class CellTable:
             out.append(cell)
         return out
 
+    def in_vocabulary_columns(self, vocab_size: int) -> "CellTable":
+        """The same cells with column j = vocabulary id j, so tables of different gene spaces can stack."""
+        counts = sp.csr_matrix((self.counts.data, self.gene_ids[self.counts.indices], self.counts.indptr),
+                               shape=(self.n_cells, vocab_size))
+        return CellTable(counts, np.arange(vocab_size), self.labels, self.label_names)
+
     @classmethod
-    def from_anndata(cls, adata, vocab: GeneVocab, label_keys: list[str], source: str,
-                     min_vocab_overlap: float = 0.5) -> "CellTable":
-        """Map ``adata``'s genes to the vocabulary, keep the known ones, code the label columns."""
-        ids = vocab.encode(list(adata.var_names))
-        known = ids >= 0
-        if known.mean() < min_vocab_overlap:
-            missing = list(adata.var_names[~known][:3])
-            raise DataError(f"{source}: only {int(known.sum())} of {len(ids)} genes are in the vocabulary "
-                            f"(e.g. missing {missing}); pass a vocabulary built from these genes")
-        counts = sp.csr_matrix(adata.X)[:, np.flatnonzero(known)].astype(np.float32)
-        labels, names = {}, {}
-        for key in label_keys:
-            if key not in adata.obs:
-                raise DataError(f"{source}: obs has no column {key!r}; available: {', '.join(adata.obs.columns)}")
-            codes, categories = _codes(adata.obs[key])
-            labels[key], names[key] = codes, categories
-        return cls(counts=counts, gene_ids=ids[known], labels=labels, label_names=names)
-
-
-def _codes(column) -> tuple[np.ndarray, list[str]]:
-    categorical = column.astype("category")
-    return categorical.cat.codes.to_numpy().astype(np.int64), [str(c) for c in categorical.cat.categories]
+    def concat(cls, tables: list["CellTable"]) -> "CellTable":
+        """Rows of several tables over the same genes, in order."""
+        if len(tables) == 1:
+            return tables[0]
+        if any(not np.array_equal(t.gene_ids, tables[0].gene_ids) for t in tables):
+            size = int(max(t.gene_ids.max(initial=0) for t in tables)) + 1
+            tables = [t.in_vocabulary_columns(size) for t in tables]
+        return cls(counts=sp.vstack([t.counts for t in tables], format="csr"), gene_ids=tables[0].gene_ids,
+                   labels={k: np.concatenate([t.labels[k] for t in tables]) for k in tables[0].labels},
+                   label_names=tables[0].label_names)

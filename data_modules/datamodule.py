@@ -1,131 +1,157 @@
-"""The LightningDataModule: a dataset (an .h5ad file, or the built-in synthetic one) -> vocabulary,
-train / validation split, and sharded, seeded batch streams."""
+"""The LightningDataModule: cell stores (or the built-in synthetic one) -> vocabulary, train / validation
+rows, and the sharded, seeded, exactly resumable batch streams of :mod:`data_modules.stream`."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import os
 from typing import Any, Sequence
 
-import anndata as ad
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
-from data_modules.cells import CellTable
 from data_modules.collate import CellCollator, CollatorConfig
-from data_modules.stream import CellBatchStream
-from data_modules.synthetic import load_or_make_synthetic
+from data_modules.store import CellStore, open_dataset
+from data_modules.stream import CellBatchStream, StreamPlan, cut_blocks
+from data_modules.synthetic import ensure_synthetic_store
 from scgpt.errors import ConfigError, DataError
-from scgpt.seeding import make_generator
 from scgpt.tokenizer.vocab import GeneVocab
 
-SPLIT_STREAM = 7_919  # seed coordinate of the train / validation split, apart from epoch orders
 STATE_VERSION = 1
 
 
 class CellDataModule(L.LightningDataModule):
-    def __init__(self, h5ad_path: str | None = None, synthetic: dict[str, Any] | None = None,
-                 vocab_path: str | None = None, label_keys: Sequence[str] = (), val_fraction: float = 0.1,
-                 per_device_batch_size: int = 32, global_batch_size: int | None = None, num_workers: int = 0, max_seq_len: int = 1200, n_bins: int = 51,
-                 mask_ratios: Sequence[float] = (0.25, 0.5, 0.75), mask_value: float = -1.0, pad_value: float = -2.0,
-                 include_zero_genes: bool = False, generative_fraction: float = 0.5, layout: str = "padded",
-                 min_vocab_overlap: float = 0.5, seed: int = 0, cache_dir: str | None = None) -> None:
+    """Streams cells from stores. Stores are shuffled once when written, so the first ``val_fraction``
+    rows of each store are a random validation sample and the rest are for training."""
+
+    def __init__(self, stores: str | Sequence[str] | None = None, synthetic: dict[str, Any] | None = None,
+                 vocab_path: str | None = None, label_keys: Sequence[str] = (), val_fraction: float = 0.05,
+                 block_size: int = 1024, buffer_blocks: int = 8, per_device_batch_size: int = 32,
+                 global_batch_size: int | None = None, num_workers: int = 0, max_seq_len: int = 1200,
+                 n_bins: int = 51, mask_ratios: Sequence[float] = (0.25, 0.5, 0.75), mask_value: float = -1.0,
+                 pad_value: float = -2.0, include_zero_genes: bool = False, generative_fraction: float = 0.5,
+                 layout: str = "padded", min_vocab_overlap: float = 0.5, seed: int = 0,
+                 cache_dir: str | None = None) -> None:
         super().__init__()
-        if (h5ad_path is None) == (synthetic is None):
-            raise ConfigError("data: set exactly one of data.h5ad_path or data.synthetic")
+        if (stores is None) == (synthetic is None):
+            raise ConfigError("data: set exactly one of data.stores (paths or a manifest) or data.synthetic")
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: {val_fraction} must be between 0 and 1")
-        if per_device_batch_size < 1:
-            raise ConfigError(f"data.per_device_batch_size: {per_device_batch_size} must be positive")
-        self.h5ad_path, self.synthetic, self.vocab_path = h5ad_path, synthetic, vocab_path
+        for key, value in (("per_device_batch_size", per_device_batch_size), ("block_size", block_size),
+                           ("buffer_blocks", buffer_blocks)):
+            if value < 1:
+                raise ConfigError(f"data.{key}: {value} must be positive")
+        self.stores, self.synthetic, self.vocab_path = stores, synthetic, vocab_path
         self.label_keys, self.val_fraction, self.seed = list(label_keys), val_fraction, seed
+        self.block_size, self.buffer_blocks = block_size, buffer_blocks
         self.per_device_batch_size, self.num_workers = per_device_batch_size, num_workers
         self.global_batch_size = global_batch_size or per_device_batch_size  # checked by train()
         self.min_vocab_overlap, self.cache_dir = min_vocab_overlap, cache_dir
         self.collator_options = dict(max_seq_len=max_seq_len, n_bins=n_bins, mask_ratios=tuple(mask_ratios),
                                      mask_value=mask_value, pad_value=pad_value, include_zero_genes=include_zero_genes,
                                      generative_fraction=generative_fraction, layout=layout)
-        self._vocab: GeneVocab | None = None
-        self._table: CellTable | None = None
+        self._sources: list[CellStore] | None = None
         self._streams: dict[str, CellBatchStream] = {}
-        self._epoch = 0
+        self._epoch, self._skip, self.batches_done = 0, 0, 0
 
-    # ---- data -------------------------------------------------------------------------------
+    # ---- the dataset ------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Make the synthetic dataset once (rank 0) so other ranks only read it."""
+        """Write the synthetic store once (rank 0) so that other ranks only read it."""
         if self.synthetic is not None:
-            load_or_make_synthetic(self.cache_dir, **self.synthetic)
+            ensure_synthetic_store(self.cache_dir, **self.synthetic)
 
-    def _read(self) -> tuple[ad.AnnData, str]:
-        if self.synthetic is not None:
-            return load_or_make_synthetic(self.cache_dir, **self.synthetic), "synthetic dataset"
-        path = Path(self.h5ad_path)
-        if not path.is_file():
-            raise DataError(f"{path}: no such file; set data.h5ad_path to an existing .h5ad")
-        try:
-            return ad.read_h5ad(path), str(path)
-        except Exception as exc:  # h5py / anndata raise many types for a corrupt file
-            raise DataError(f"{path}: cannot be read as .h5ad ({type(exc).__name__}); check the file") from exc
+    def _load(self) -> None:
+        if self._sources is not None:
+            return
+        paths = self.stores if self.stores is not None else ensure_synthetic_store(self.cache_dir, **self.synthetic)
+        sources = open_dataset(paths if isinstance(paths, (str, os.PathLike)) else list(paths))
+        self._vocab = self._make_vocab(sources)
+        self.label_names, self.label_maps = self._label_codes(sources)
+        self.fingerprint = hashlib.sha256("|".join(s.fingerprint for s in sources).encode()).hexdigest()
+        self._sources = sources
+
+    @property
+    def sources(self) -> list[CellStore]:
+        self._load()
+        return self._sources
 
     @property
     def vocab(self) -> GeneVocab:
         self._load()
         return self._vocab
 
-    @property
-    def table(self) -> CellTable:
-        self._load()
-        return self._table
-
-    def _load(self) -> None:
-        if self._table is not None:
-            return
-        adata, source = self._read()
-        if adata.n_obs == 0:
-            raise DataError(f"{source}: has no cells")
+    def _make_vocab(self, sources: list[CellStore]) -> GeneVocab:
         if self.vocab_path:
-            self._vocab = GeneVocab.load(self.vocab_path)
+            vocab = GeneVocab.load(self.vocab_path)
+        elif len(sources) == 1:
+            vocab = sources[0].vocab()
         else:
-            self._vocab = GeneVocab.from_genes(adata.var_names)
-        self._table = CellTable.from_anndata(adata, self._vocab, self.label_keys, source, self.min_vocab_overlap)
+            vocab = GeneVocab.from_genes(dict.fromkeys(g for s in sources for g in s.var_names))
+        for store in sources:
+            known = (vocab.encode(list(store.var_names)) >= 0).mean()
+            if known < self.min_vocab_overlap:
+                raise DataError(f"{store.path}: only {known:.0%} of its genes are in the vocabulary "
+                                f"{self.vocab_path or ''}; use a vocabulary built from these stores (scgpt-data vocab)")
+        return vocab
+
+    def _label_codes(self, sources: list[CellStore]) -> tuple[dict[str, list[str]], dict[str, list]]:
+        """Dataset-wide category names per label, and each store's code -> dataset code map."""
+        names, maps = {}, {}
+        for key in self.label_keys:
+            union: dict[str, int] = {}
+            per_store = []
+            for store in sources:
+                if key not in store.obs_columns:
+                    raise DataError(f"{store.path}: obs has no column {key!r} (data.label_keys); "
+                                    f"available: {', '.join(store.obs_columns)}")
+                categories = store.label_categories(key)
+                per_store.append(np.array([union.setdefault(c, len(union)) for c in categories], dtype=np.int64))
+            names[key], maps[key] = list(union), per_store
+        return names, maps
 
     def n_classes(self, label_key: str) -> int:
-        return len(self.table.label_names[label_key])
+        self._load()
+        return len(self.label_names[label_key])
 
-    def split_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(train rows, validation rows): a seeded, fixed split of the cells."""
-        n = self.table.n_cells
-        perm = torch.randperm(n, generator=make_generator(self.seed, SPLIT_STREAM)).numpy()
-        n_val = max(1, int(round(n * self.val_fraction)))
-        if n - n_val < self.per_device_batch_size:
-            raise ConfigError(f"data.per_device_batch_size: {self.per_device_batch_size} is more than the "
-                              f"{n - n_val} training cells; lower it or use a larger dataset")
-        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    def row_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        """Per store: validation rows [0, n_val) and training rows [n_val, n)."""
+        ranges: dict[str, list[tuple[int, int]]] = {"train": [], "val": []}
+        for store in self.sources:
+            n_val = max(1, round(store.n_cells * self.val_fraction))
+            ranges["val"].append((0, n_val))
+            ranges["train"].append((n_val, store.n_cells))
+        return ranges
 
     # ---- Lightning hooks --------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self._streams:
             return
         vocab = self.vocab
+        universe = vocab.encode(list(dict.fromkeys(g for s in self.sources for g in s.var_names)))
         collator = CellCollator(CollatorConfig(pad_token_id=vocab.pad_id, cls_token_id=vocab.cls_id,
-                                               **self.collator_options), gene_universe=self.table.gene_ids)
-        train_rows, val_rows = self.split_rows()
-        batch = self.per_device_batch_size
-        self._streams = {
-            "train": CellBatchStream(self.table, train_rows, collator, batch, self.seed, shuffle=True, drop_last=True),
-            "val": CellBatchStream(self.table, val_rows, collator, batch, self.seed, shuffle=False, drop_last=False),
-        }
+                                               **self.collator_options), gene_universe=universe[universe >= 0])
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        for stream in self._streams.values():
-            stream.set_distributed(rank, world)
-        self.set_epoch(self._epoch)
+        for split, ranges in self.row_ranges().items():
+            plan = StreamPlan(cut_blocks(ranges, self.block_size), self.per_device_batch_size, self.buffer_blocks,
+                              self.seed, shuffle=split == "train", world_size=world,
+                              num_workers=max(1, self.num_workers))
+            if plan.batches_per_rank(0) == 0:
+                raise ConfigError(f"data.block_size: {self.block_size}-cell blocks leave some of the {world} ranks x "
+                                  f"{plan.num_workers} workers without a full {split} batch; lower data.block_size "
+                                  "or data.per_device_batch_size, or use fewer workers")
+            self._streams[split] = CellBatchStream(self.sources, self.label_keys, self.label_maps, vocab, plan,
+                                                   collator, rank)
+        self._apply_position()
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of the training order (validation is the same every time)."""
-        self._epoch = epoch
+    def _apply_position(self) -> None:
         if "train" in self._streams:
-            self._streams["train"].set_epoch(epoch)
+            self._streams["train"].epoch, self._streams["train"].skip = self._epoch, self._skip
+
+    def start_epoch(self, epoch: int) -> None:
+        """A new training epoch begins: its own (seed, epoch) order, from its first batch."""
+        self._epoch, self._skip, self.batches_done = epoch, 0, 0
+        self._apply_position()
 
     def _loader(self, split: str) -> DataLoader:
         self.setup()
@@ -138,18 +164,44 @@ class CellDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
+    # ---- exact resume ---------------------------------------------------------------------------
+    def _layout(self) -> tuple[int, int]:
+        world = self.trainer.world_size if self.trainer else 1
+        return world, max(1, self.num_workers)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "seed": self.seed, "epoch": self._epoch}
+        world, workers = self._layout()
+        return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "seed": self.seed, "epoch": self._epoch,
+                "batches_done": self._skip + self.batches_done, "world_size": world, "num_workers": workers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the checkpoint stopped; refuse what would change the data order."""
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"checkpoint data state has version {state.get('version')}, expected {STATE_VERSION}")
-        self.set_epoch(int(state["epoch"]))
+            raise DataError(f"checkpoint data state has version {state.get('version')}; this scgpt reads {STATE_VERSION}")
+        if state["fingerprint"] != self.fingerprint:
+            raise DataError("checkpoint was trained on other data (store fingerprint differs); resume with the same "
+                            "data.stores, or start a new run with init_from= instead of ckpt_path=")
+        if state["seed"] != self.seed:
+            raise ConfigError(f"seed: the checkpoint used seed {state['seed']}; resume with seed={state['seed']}")
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done and (state["world_size"], state["num_workers"]) != self._layout():
+            raise ConfigError(f"trainer.devices / data.num_workers: the checkpoint stopped mid-epoch with "
+                              f"{state['world_size']} ranks x {state['num_workers']} workers, and the data order depends "
+                              "on them; resume with the same numbers")
+        self.setup()
+        if done >= self._streams["train"].plan.batches_per_rank(epoch):  # saved at the end of an epoch
+            epoch, done = epoch + 1, 0
+        self._epoch, self._skip, self.batches_done = epoch, done, 0
+        self._apply_position()
 
 
-class EpochSync(L.Callback):
-    """Tells the data module which epoch starts, so each epoch gets its own (seed, epoch) order."""
+class DataProgress(L.Callback):
+    """Keeps the data module's position: the epoch that starts, and the batches consumed within it."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if isinstance(trainer.datamodule, CellDataModule):
-            trainer.datamodule.set_epoch(trainer.current_epoch)
+            trainer.datamodule.start_epoch(trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(trainer.datamodule, CellDataModule):
+            trainer.datamodule.batches_done += 1

@@ -177,38 +177,24 @@ def _resolve_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def default_dataset_path(cache_dir: str | os.PathLike[str] | None = None, **params: Any) -> Path:
-    """``<cache_dir>/synthetic_<cells>x<genes>_t<types>_b<batches>_s<seed>.h5ad`` (cache: $SCGPT_CACHE)."""
+    """``<cache_dir>/synthetic_<cells>x<genes>_t<types>_b<batches>_s<seed>.zarr`` (cache: $SCGPT_CACHE)."""
     p = _resolve_params(params)
     if cache_dir is None:
         cache_dir = os.environ.get("SCGPT_CACHE") or Path.home() / ".cache" / "scgpt"
     name = f"synthetic_{p['n_cells']}x{p['n_genes']}_t{p['n_cell_types']}_b{p['n_batches']}_s{p['seed']}"
     if p["n_programs"] is not None:
         name += f"_p{p['n_programs']}"
-    return Path(cache_dir).expanduser() / f"{name}.h5ad"
+    return Path(cache_dir).expanduser() / f"{name}.zarr"
 
 
-def _restore_uns(adata: ad.AnnData) -> ad.AnnData:
-    """h5ad stores lists as arrays; give back the plain lists and ints ``make_synthetic_adata`` returns."""
-    for key in ("gene_programs", "cell_type_programs"):
-        adata.uns[key] = {k: [str(v) for v in vals] for k, vals in adata.uns.get(key, {}).items()}
-    adata.uns["synthetic"] = {k: int(v) for k, v in adata.uns.get("synthetic", {}).items()}
-    return adata
+def ensure_synthetic_store(cache_dir: str | os.PathLike[str] | None = None, **params: Any) -> Path:
+    """The cached synthetic dataset as a cell store, made (atomically) on first use."""
+    from data_modules.store import write_store  # the store module is heavy; only needed on first use
 
-
-def load_or_make_synthetic(cache_dir: str | os.PathLike[str] | None = None, **params: Any) -> ad.AnnData:
-    """Read the cached synthetic dataset, or make it and write it atomically first."""
     path = default_dataset_path(cache_dir, **params)
-    if path.exists():
-        try:
-            return _restore_uns(ad.read_h5ad(path))
-        except Exception as e:  # noqa: BLE001 - any unreadable cache file is the same user error
-            raise DataError(f"{path}: cannot read cached synthetic dataset ({e}); delete it to regenerate") from None
-    adata = make_synthetic_adata(**params)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return adata
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        adata = make_synthetic_adata(**params)
+        write_store(adata, path, obs_keys=["cell_type", "batch"], seed=_resolve_params(params)["seed"],
+                    name="synthetic", created_by="scgpt built-in synthetic dataset", uns=dict(adata.uns))
+    return path

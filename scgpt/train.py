@@ -17,13 +17,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from data_modules.datamodule import EpochSync
+from data_modules.datamodule import DataProgress
 from scgpt.config import ModelConfig
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
 from scgpt.io import write_json_atomic, write_text_atomic
 from scgpt.model.attention import build_attention_backend
 from scgpt.paths import config_dir
-from scgpt.tasks.callbacks import ThroughputMonitor
+from scgpt.tasks.callbacks import FinalCheckpoint, ThroughputMonitor
 
 log = logging.getLogger("scgpt")
 
@@ -94,7 +94,7 @@ def build_task(cfg: DictConfig, model: dict[str, Any]) -> L.LightningModule:
                        objectives=OmegaConf.to_container(task.objectives, resolve=True),
                        objective_options=OmegaConf.to_container(task.get("objective_options", {}), resolve=True),
                        optimizer=instantiate(task.optimizer), scheduler=instantiate(task.get("scheduler")),
-                       _convert_="all")
+                       seed=int(cfg.seed), _convert_="all")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -107,10 +107,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = model_settings(cfg, datamodule)
     task = build_task(cfg, model)
     task.export_metadata = export_metadata(cfg, datamodule)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
+                                  save_top_k=-1 if cfg.checkpoint.get("keep_all") else 0,
+                                  filename="step-{step:07d}", auto_insert_metric_name=False,
                                   every_n_train_steps=int(cfg.checkpoint.every_n_train_steps))
     throughput = ThroughputMonitor()
-    callbacks = [checkpoints, throughput, EpochSync()]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    callbacks = [DataProgress(), checkpoints, throughput, FinalCheckpoint(last)]
     logger = _logger(cfg)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -121,8 +124,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume, weights_only=True)  # no pickled code
-    last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last, weights_only=False)  # full state; the final state, whatever the checkpoint interval
     summary = {
         "task": cfg.task.name,
         "global_step": int(trainer.global_step),

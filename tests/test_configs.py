@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra.utils import get_class, instantiate
 
+from data_modules.store import write_store
 from data_modules.synthetic import make_synthetic_adata
 from scgpt.config import ModelConfig
 from scgpt.errors import ConfigError
@@ -32,17 +33,17 @@ def test_config_groups_are_the_documented_ones():
 
 
 @pytest.fixture(scope="module")
-def h5ad_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("h5ad") / "cells.h5ad"
-    make_synthetic_adata(n_cells=200, n_genes=100, seed=1).write_h5ad(path)
+def store_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stores") / "cells.zarr"
+    write_store(make_synthetic_adata(n_cells=400, n_genes=100, seed=1), path, obs_keys=["cell_type"])
     return path
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_config_composes_and_instantiates(group, option, tmp_path, h5ad_file):
+def test_every_config_composes_and_instantiates(group, option, tmp_path, store_path):
     overrides = [*SMALL_DATA, f"{group}={option}"]
-    if group == "data" and option == "h5ad":
-        overrides = [o for o in overrides if not o.startswith("data.synthetic")] + [f"data.h5ad_path={h5ad_file}"]
+    if group == "data" and option == "zarr":
+        overrides = [o for o in overrides if not o.startswith("data.synthetic")] + [f"data.stores=[{store_path}]"]
     cfg = compose_config(tmp_path, *overrides)
     datamodule = instantiate(cfg.data)
     settings = model_settings(cfg, datamodule)

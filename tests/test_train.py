@@ -88,3 +88,28 @@ def test_cli_unknown_group_option_lists_the_available_ones(tmp_path):
     result = _cli(["model=huge"], cwd=tmp_path)
     assert result.returncode != 0
     assert "Could not find 'model/huge'" in result.stderr and "tiny" in result.stderr
+
+
+def _weights(checkpoint_path):
+    return torch.load(checkpoint_path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    # 23 batches per epoch: the step-30 checkpoint resumes mid-epoch 1; dropout stays on
+    common = [*SMALL_DATA, "trainer=debug", "trainer.max_steps=40", "trainer.val_check_interval=20", "logger=none"]
+    straight = train(compose_config(tmp_path / "straight", *common, "checkpoint.every_n_train_steps=10",
+                                    "checkpoint.keep_all=true"))
+    interrupted = tmp_path / "straight" / "checkpoints" / "step-0000030.ckpt"
+    resumed = train(compose_config(tmp_path / "resumed", *common, f"ckpt_path={interrupted}"))
+    assert resumed["global_step"] == straight["global_step"] == 40
+    a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_resume_refuses_a_checkpoint_of_other_data(tmp_path):
+    first = train(compose_config(tmp_path / "a", *FAST))
+    with pytest.raises(Exception, match="fingerprint differs"):
+        train(compose_config(tmp_path / "b", *FAST, "data.synthetic.seed=5", f"ckpt_path={first['checkpoint']}"))

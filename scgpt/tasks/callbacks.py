@@ -1,8 +1,9 @@
-"""Training callbacks: throughput in cells and non-pad tokens per second."""
+"""Training callbacks: throughput in cells and non-pad tokens per second; the final checkpoint."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning as L
 
@@ -39,3 +40,20 @@ class ThroughputMonitor(L.Callback):
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class FinalCheckpoint(L.Callback):
+    """Saves ``last.ckpt`` at the end of the last training step, inside the loop like any periodic
+    checkpoint, so that resuming from it continues mid-epoch exactly (a save after ``fit`` returns
+    would be restored as the end of an epoch)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.save_checkpoint(self.path, weights_only=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps):  # ended by epochs
+            trainer.save_checkpoint(self.path, weights_only=False)

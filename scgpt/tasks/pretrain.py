@@ -14,6 +14,7 @@ from data_modules.collate import CellBatch
 from scgpt.config import ModelConfig
 from scgpt.model.scgpt import ScGPTModel, ScGPTOutput
 from scgpt.objectives import ObjectiveContext, build_objectives
+from scgpt.seeding import derive_seed
 
 
 class PretrainTask(L.LightningModule):
@@ -22,7 +23,7 @@ class PretrainTask(L.LightningModule):
     def __init__(self, model: dict[str, Any], objectives: dict[str, float],
                  objective_options: dict[str, dict[str, Any]] | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: Callable[..., Any] | None = None) -> None:
+                 scheduler: Callable[..., Any] | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model_cfg = ModelConfig(**model)
@@ -30,6 +31,7 @@ class PretrainTask(L.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = scheduler
         self.model: ScGPTModel | None = None
+        self.seed = seed
         self.val_mse = MeanSquaredError()
         self.val_pearson = PearsonCorrCoef()
         self.cells_seen = 0
@@ -67,6 +69,11 @@ class PretrainTask(L.LightningModule):
         return total, terms, out
 
     # ---- steps ------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
+        """Dropout noise is a function of (seed, epoch, batch, rank), so a resumed run draws what an
+        uninterrupted one would have drawn."""
+        torch.manual_seed(derive_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
+
     def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
         loss, terms, _ = self.losses(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.n_cells)

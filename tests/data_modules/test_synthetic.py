@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_modules.synthetic import default_dataset_path, load_or_make_synthetic, make_synthetic_adata
+from data_modules.synthetic import default_dataset_path, ensure_synthetic_store, make_synthetic_adata
 
 SMALL = dict(n_cells=600, n_genes=300, n_cell_types=3)
 
@@ -95,23 +95,23 @@ def test_batch_effects_present_with_two_batches():
     assert np.std(_batch_log_ratios(two)) > 2.0 * np.std(_batch_log_ratios(one))
 
 
-def test_load_or_make_writes_once_and_rereads(tmp_path):
+def test_synthetic_store_is_written_once_and_holds_the_dataset(tmp_path):
+    from data_modules.store import CellStore
+
     params = dict(n_cells=100, n_genes=50, n_cell_types=2, seed=4)
-    path = default_dataset_path(tmp_path, **params)
-    assert path == tmp_path / "synthetic_100x50_t2_b1_s4.h5ad"
-    made = load_or_make_synthetic(tmp_path, **params)
-    assert path.exists()
+    path = ensure_synthetic_store(tmp_path, **params)
+    assert path == default_dataset_path(tmp_path, **params) == tmp_path / "synthetic_100x50_t2_b1_s4.zarr"
     mtime = path.stat().st_mtime_ns
-    read = load_or_make_synthetic(tmp_path, **params)
-    assert path.stat().st_mtime_ns == mtime  # not rewritten
-    assert (made.X != read.X).nnz == 0
-    assert read.uns["gene_programs"] == made.uns["gene_programs"]
-    assert read.uns["synthetic"] == made.uns["synthetic"]
-    assert list(read.obs["cell_type"].cat.categories) == ["type_0", "type_1"]
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    assert ensure_synthetic_store(tmp_path, **params) == path and path.stat().st_mtime_ns == mtime  # not rewritten
+    store, made = CellStore(path), make_synthetic_adata(**params)
+    assert store.n_cells == 100 and list(store.var_names) == list(made.var_names)
+    assert store.label_categories("cell_type") == ["type_0", "type_1"]
+    order = store.read_obs("original_index")
+    assert (store.read_counts(0, 100) != made.X[order]).nnz == 0  # the same cells, shuffled once
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary directory left behind
 
 
 def test_default_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SCGPT_CACHE", str(tmp_path / "cache"))
     assert default_dataset_path().parent == tmp_path / "cache"
-    assert default_dataset_path().name == "synthetic_2000x500_t5_b1_s0.h5ad"
+    assert default_dataset_path().name == "synthetic_2000x500_t5_b1_s0.zarr"
