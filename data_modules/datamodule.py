@@ -25,7 +25,7 @@ class CellDataModule(L.LightningDataModule):
     """Streams cells from stores. Stores are shuffled once when written, so the first ``val_fraction``
     rows of each store are a random validation sample and the rest are for training."""
 
-    def __init__(self, stores: str | Sequence[str] | None = None, synthetic: dict[str, Any] | None = None,
+    def __init__(self, paths: str | Sequence[str] | None = None, synthetic: dict[str, Any] | None = None,
                  vocab_path: str | None = None, label_keys: Sequence[str] = (), val_fraction: float = 0.05,
                  block_size: int = 1024, buffer_blocks: int = 8, per_device_batch_size: int = 32,
                  global_batch_size: int | None = None, num_workers: int = 0, max_seq_len: int = 1200,
@@ -34,15 +34,15 @@ class CellDataModule(L.LightningDataModule):
                  layout: str = "padded", min_vocab_overlap: float = 0.5, seed: int = 0,
                  cache_dir: str | None = None) -> None:
         super().__init__()
-        if (stores is None) == (synthetic is None):
-            raise ConfigError("data: set exactly one of data.stores (paths or a manifest) or data.synthetic")
+        if (paths is None) == (synthetic is None):
+            raise ConfigError("data: set exactly one of data.paths (store paths or a manifest) or data.synthetic")
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: {val_fraction} must be between 0 and 1")
         for key, value in (("per_device_batch_size", per_device_batch_size), ("block_size", block_size),
                            ("buffer_blocks", buffer_blocks)):
             if value < 1:
                 raise ConfigError(f"data.{key}: {value} must be positive")
-        self.stores, self.synthetic, self.vocab_path = stores, synthetic, vocab_path
+        self.paths, self.synthetic, self.vocab_path = paths, synthetic, vocab_path
         self.label_keys, self.val_fraction, self.seed = list(label_keys), val_fraction, seed
         self.block_size, self.buffer_blocks = block_size, buffer_blocks
         self.per_device_batch_size, self.num_workers = per_device_batch_size, num_workers
@@ -64,7 +64,7 @@ class CellDataModule(L.LightningDataModule):
     def _load(self) -> None:
         if self._sources is not None:
             return
-        paths = self.stores if self.stores is not None else ensure_synthetic_store(self.cache_dir, **self.synthetic)
+        paths = self.paths if self.paths is not None else ensure_synthetic_store(self.cache_dir, **self.synthetic)
         sources = open_dataset(paths if isinstance(paths, (str, os.PathLike)) else list(paths))
         self._vocab = self._make_vocab(sources)
         self.label_names, self.label_maps = self._label_codes(sources)
@@ -180,7 +180,7 @@ class CellDataModule(L.LightningDataModule):
             raise DataError(f"checkpoint data state has version {state.get('version')}; this scgpt reads {STATE_VERSION}")
         if state["fingerprint"] != self.fingerprint:
             raise DataError("checkpoint was trained on other data (store fingerprint differs); resume with the same "
-                            "data.stores, or start a new run with init_from= instead of ckpt_path=")
+                            "data.paths, or start a new run with init_from= instead of ckpt_path=")
         if state["seed"] != self.seed:
             raise ConfigError(f"seed: the checkpoint used seed {state['seed']}; resume with seed={state['seed']}")
         epoch, done = int(state["epoch"]), int(state["batches_done"])

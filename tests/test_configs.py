@@ -43,7 +43,7 @@ def store_path(tmp_path_factory) -> Path:
 def test_every_config_composes_and_instantiates(group, option, tmp_path, store_path):
     overrides = [*SMALL_DATA, f"{group}={option}"]
     if group == "data" and option == "zarr":
-        overrides = [o for o in overrides if not o.startswith("data.synthetic")] + [f"data.stores=[{store_path}]"]
+        overrides = [o for o in overrides if not o.startswith("data.synthetic")] + [f"data.paths=[{store_path}]"]
     cfg = compose_config(tmp_path, *overrides)
     datamodule = instantiate(cfg.data)
     settings = model_settings(cfg, datamodule)
