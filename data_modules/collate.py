@@ -13,12 +13,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 from scgpt.errors import ConfigError
 from scgpt.model.layout import TokenLayout
-from scgpt.tokenizer.binning import bin_expression
-from scgpt.tokenizer.masking import draw_mask_ratios, random_mask
+from scgpt.tokenizer.binning import bin_rows
+from scgpt.tokenizer.masking import draw_mask_ratios, mask_rows
 
 LAYOUTS = ("padded", "packed")
 
@@ -77,7 +76,8 @@ class CollatorConfig:
 
 
 class CellCollator:
-    """Turns a list of sparse cells into a :class:`CellBatch`.
+    """Turns sparse cells into a :class:`CellBatch`, vectorised over the whole CSR block (numpy inside:
+    collation runs on CPU in data-loader workers, where numpy's row sorts are much faster than torch's).
 
     ``gene_universe`` (vocabulary ids of every gene the dataset measures) is needed only with
     ``include_zero_genes``: then every measured gene is a candidate token, with value 0 if unexpressed.
@@ -87,62 +87,84 @@ class CellCollator:
         self.cfg = cfg
         if cfg.include_zero_genes and gene_universe is None:
             raise ConfigError("data.include_zero_genes: needs the dataset's gene list (gene_universe)")
-        self.gene_universe = None if gene_universe is None else torch.as_tensor(gene_universe, dtype=torch.long)
+        self.gene_universe = None if gene_universe is None else np.asarray(gene_universe, dtype=np.int64)
 
     def __call__(self, cells: Sequence[dict], generator: torch.Generator) -> CellBatch:
-        gene_ids, counts, valid = self._candidates(cells)  # (B, N)
-        bins = bin_expression(counts, valid, self.cfg.n_bins, generator)  # (B, N)
-        gene_ids, bins, valid = self._choose_genes(gene_ids, bins, valid, generator)  # (B, K)
-        batch = self._tokenize(gene_ids, bins, valid, generator)
-        batch.labels = {key: torch.as_tensor([c[key] for c in cells], dtype=torch.long)
-                        for key in cells[0] if key not in ("gene_ids", "counts")}
+        """Cells as dicts: ``gene_ids`` and ``counts`` arrays, plus integer labels."""
+        lengths = [len(c["gene_ids"]) for c in cells]
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        gene_ids = np.concatenate([np.asarray(c["gene_ids"], dtype=np.int64) for c in cells])
+        counts = np.concatenate([np.asarray(c["counts"], dtype=np.float32) for c in cells])
+        labels = {k: np.array([c[k] for c in cells]) for k in cells[0] if k not in ("gene_ids", "counts")}
+        return self.collate_csr(indptr, gene_ids, counts, labels, generator)
+
+    def collate_table(self, table, rows: np.ndarray, generator: torch.Generator) -> CellBatch:
+        """Rows of a :class:`~data_modules.cells.CellTable` (one fancy-indexed CSR slice, no per-cell work)."""
+        block = table.counts[rows]
+        labels = {k: codes[rows] for k, codes in table.labels.items()}
+        return self.collate_csr(block.indptr.astype(np.int64), table.gene_ids[block.indices], block.data, labels,
+                                generator)
+
+    def collate_csr(self, indptr: np.ndarray, gene_ids: np.ndarray, counts: np.ndarray,
+                    labels: dict[str, np.ndarray], generator: torch.Generator) -> CellBatch:
+        """indptr (B + 1,), gene_ids and counts (nnz,) of B cells -> CellBatch."""
+        ids, values, valid = self._candidates(indptr, gene_ids, counts.astype(np.float32))  # (B, N)
+        uniform = torch.rand(values.shape, generator=generator).numpy()
+        bins = bin_rows(values, valid, self.cfg.n_bins, uniform)  # (B, N)
+        ids, bins, valid = self._choose_genes(ids, bins, valid, generator)  # (B, K)
+        batch = self._tokenize(ids, bins, valid, generator)
+        batch.labels = {k: torch.as_tensor(np.asarray(v), dtype=torch.long) for k, v in labels.items()}
         return pack_batch(batch) if self.cfg.layout == "packed" else batch
 
-    def _candidates(self, cells: Sequence[dict]) -> tuple[Tensor, Tensor, Tensor]:
+    def _candidates(self, indptr, gene_ids, counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each cell's candidate genes, padded: ids (B, N), raw counts (B, N), valid (B, N)."""
-        ids = [torch.as_tensor(c["gene_ids"], dtype=torch.long) for c in cells]
-        counts = [torch.as_tensor(c["counts"], dtype=torch.float32) for c in cells]
+        lengths = np.diff(indptr)
+        rows = np.repeat(np.arange(len(lengths)), lengths)  # (nnz,) cell of each value
         if self.cfg.include_zero_genes:
-            return self._dense_over_universe(ids, counts)
-        lengths = torch.tensor([len(i) for i in ids])
-        valid = torch.arange(int(lengths.max())) < lengths[:, None]
-        padded_ids = pad_sequence(ids, batch_first=True, padding_value=self.cfg.pad_token_id)
-        return padded_ids, pad_sequence(counts, batch_first=True), valid
+            universe = self.gene_universe
+            position = np.full(int(max(universe.max(), gene_ids.max(initial=0))) + 1, -1, dtype=np.int64)
+            position[universe] = np.arange(universe.size)
+            dense = np.zeros((len(lengths), universe.size), dtype=np.float32)  # (B, G)
+            known = position[gene_ids] >= 0
+            dense[rows[known], position[gene_ids[known]]] = counts[known]
+            return np.broadcast_to(universe, dense.shape), dense, np.ones(dense.shape, dtype=bool)
+        width = int(lengths.max(initial=0))
+        cols = np.arange(len(gene_ids)) - indptr[rows]  # (nnz,) position within its cell
+        ids = np.full((len(lengths), width), self.cfg.pad_token_id, dtype=np.int64)
+        values = np.zeros((len(lengths), width), dtype=np.float32)
+        ids[rows, cols], values[rows, cols] = gene_ids, counts
+        return ids, values, np.arange(width) < lengths[:, None]
 
-    def _dense_over_universe(self, ids: list[Tensor], counts: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        universe = self.gene_universe
-        position = torch.full((int(universe.max()) + 1,), -1, dtype=torch.long)
-        position[universe] = torch.arange(universe.numel())
-        dense = torch.zeros(len(ids), universe.numel())  # (B, G)
-        rows = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(i) for i in ids]))
-        dense[rows, position[torch.cat(ids)]] = torch.cat(counts)
-        gene_ids = universe.expand(len(ids), -1)
-        return gene_ids, dense, torch.ones_like(dense, dtype=torch.bool)
-
-    def _choose_genes(self, gene_ids: Tensor, bins: Tensor, valid: Tensor, generator: torch.Generator):
+    def _choose_genes(self, ids, bins, valid, generator: torch.Generator):
         """Keep at most max_seq_len - 1 genes per cell, a uniform random sample when there are more."""
-        keep = min(gene_ids.shape[1], self.cfg.max_seq_len - 1)
-        keys = torch.rand(gene_ids.shape, generator=generator).masked_fill(~valid, 2.0)  # invalid sort last
-        order = keys.argsort(dim=1)[:, :keep]  # (B, K)
-        return gene_ids.gather(1, order), bins.gather(1, order), valid.gather(1, order)
+        keep = self.cfg.max_seq_len - 1
+        if ids.shape[1] <= keep:  # every cell fits: no sampling (token order carries no meaning)
+            return ids, bins, valid
+        keys = np.where(valid, torch.rand(ids.shape, generator=generator).numpy(), 2.0)  # invalid sort last
+        chosen = np.argpartition(keys, keep - 1, axis=1)[:, :keep]  # the `keep` smallest keys, any order
+        chosen = np.take_along_axis(chosen, np.argsort(np.take_along_axis(keys, chosen, 1), axis=1), 1)
+        return tuple(np.take_along_axis(a, chosen, 1) for a in (ids, bins, valid))
 
-    def _tokenize(self, gene_ids: Tensor, bins: Tensor, valid: Tensor, generator: torch.Generator) -> CellBatch:
+    def _tokenize(self, ids, bins, valid, generator: torch.Generator) -> CellBatch:
         """Prepend <cls>, hide values for prediction, mark generative cells -> padded CellBatch."""
-        cfg, n_cells = self.cfg, gene_ids.shape[0]
-        cls_ids = torch.full((n_cells, 1), cfg.cls_token_id, dtype=torch.long)
-        gene_ids = torch.cat([cls_ids, gene_ids], dim=1)  # (B, L)
-        target = torch.cat([torch.full((n_cells, 1), cfg.pad_value), bins], dim=1)
-        real_gene = torch.cat([torch.zeros(n_cells, 1, dtype=torch.bool), valid], dim=1)
+        cfg, n_cells = self.cfg, ids.shape[0]
+        real_gene = np.concatenate([np.zeros((n_cells, 1), dtype=bool), valid], axis=1)  # (B, L)
         padding = ~real_gene
-        padding[:, 0] = False
-        target = target.masked_fill(padding, cfg.pad_value)
-        gene_ids = gene_ids.masked_fill(padding, cfg.pad_token_id)
-        hidden = random_mask(real_gene, draw_mask_ratios(n_cells, cfg.mask_ratios, generator), generator)
-        generative = torch.rand(n_cells, generator=generator) < cfg.generative_fraction  # (B,)
+        padding[:, 0] = False  # <cls>
+        gene_ids = np.concatenate([np.full((n_cells, 1), cfg.cls_token_id), ids], axis=1)
+        gene_ids = np.where(padding, cfg.pad_token_id, gene_ids)
+        target = np.concatenate([np.full((n_cells, 1), cfg.pad_value, dtype=np.float32), bins], axis=1)
+        target = np.where(padding, np.float32(cfg.pad_value), target)
+        ratios = draw_mask_ratios(n_cells, cfg.mask_ratios, generator).numpy()
+        hidden = mask_rows(real_gene, ratios, torch.rand(real_gene.shape, generator=generator).numpy())
+        generative = (torch.rand(n_cells, generator=generator) < cfg.generative_fraction).numpy()  # (B,)
+        values = np.where(hidden, np.float32(cfg.mask_value), target)
+        as_tensor = torch.from_numpy
         return CellBatch(
-            gene_ids=gene_ids, values=target.masked_fill(hidden, cfg.mask_value), target_values=target,
-            hidden_mask=hidden, gen_mask=hidden & generative[:, None], generative=generative,
-            padding_mask=padding, max_seqlen=int((~padding).sum(dim=1).max()),
+            gene_ids=as_tensor(np.ascontiguousarray(gene_ids)), values=as_tensor(values), target_values=as_tensor(target),
+            hidden_mask=as_tensor(hidden), gen_mask=as_tensor(hidden & generative[:, None]),
+            generative=as_tensor(generative), padding_mask=as_tensor(padding),
+            max_seqlen=int((~padding).sum(axis=1).max()),
         )
 
 

@@ -137,5 +137,5 @@ class CellBatchStream(IterableDataset):
                 if step >= skip:
                     rows = order[j * plan.batch_size:(j + 1) * plan.batch_size].numpy()
                     generator = make_generator(plan.seed, epoch, self.rank, worker, step)
-                    yield self.collator(table.cells(rows), generator)
+                    yield self.collator.collate_table(table, rows, generator)
                 step += 1

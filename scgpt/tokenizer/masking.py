@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -12,12 +13,20 @@ def draw_mask_ratios(n_cells: int, choices: list[float] | tuple[float, ...], gen
     return options[torch.randint(len(options), (n_cells,), generator=generator)]
 
 
+def mask_rows(maskable: np.ndarray, ratios: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """numpy core of :func:`random_mask`: hide the ``round(ratio * n)`` maskable positions of each row
+    with the smallest ``keys`` (uniform in [0, 1))."""
+    keys = np.where(maskable, keys, 2.0)  # (B, L), unmaskable positions never chosen
+    n_hide = np.round(ratios * maskable.sum(axis=1)).astype(np.int64)  # (B,)
+    ordered = np.sort(keys, axis=1)
+    threshold = np.take_along_axis(ordered, np.maximum(n_hide - 1, 0)[:, None], 1)  # (B, 1)
+    return (keys <= threshold) & maskable & (n_hide > 0)[:, None]
+
+
 def random_mask(maskable: Tensor, ratios: Tensor, generator: torch.Generator) -> Tensor:
     """Hide ``round(ratio * n_maskable)`` of each row's maskable positions, chosen uniformly.
 
     maskable (B, L) bool, ratios (B,) -> hidden (B, L) bool, never True where ``maskable`` is False.
     """
-    keys = torch.rand(maskable.shape, generator=generator).masked_fill(~maskable, 2.0)  # (B, L)
-    rank = keys.argsort(dim=1).argsort(dim=1)  # rank of each position among its row's keys
-    n_hide = torch.round(ratios * maskable.sum(dim=1)).long()  # (B,)
-    return (rank < n_hide[:, None]) & maskable
+    keys = torch.rand(maskable.shape, generator=generator).numpy()
+    return torch.from_numpy(mask_rows(maskable.numpy(), ratios.numpy(), keys))
