@@ -97,3 +97,9 @@ def test_generative_cells_hide_values_under_the_generative_mask():
 def test_bad_collator_settings_name_the_key(options, key):
     with pytest.raises(ConfigError, match=key):
         CollatorConfig(pad_token_id=PAD, cls_token_id=CLS, **options)
+
+
+def test_a_batch_of_cells_without_expressed_genes_is_just_cls():
+    cells = [{"gene_ids": np.array([], dtype=np.int64), "counts": np.array([], dtype=np.float32)}] * 2
+    batch = _collate(cells)
+    assert batch.gene_ids.tolist() == [[CLS], [CLS]] and not batch.hidden_mask.any()
