@@ -1,26 +1,36 @@
-"""Training-step throughput of the scGPT model: padded vs packed layouts, per attention backend, side by side.
+"""Training-step throughput of the scGPT model, side by side with the original scGPT architecture.
 
 One training step = a collated batch (already on the device) -> model forward -> weighted objectives
 (gep + gen + mvc, weight 1 each, as in conf/task/pretrain.yaml) -> backward -> AdamW step. Collation is
 timed on its own (cells/s). Cells are synthetic: each expresses a uniformly random share in
 [--min-frac, --max-frac] of ``max_seq_len - 1`` genes, so batches have realistic variable lengths. The
-same cells, collated with the same seed (hence the same masks), feed both layouts, and every model
+same cells, collated with the same seed (hence the same masks), feed every variant, and every model
 starts from the same ``torch.manual_seed`` initialisation.
 
-Layouts are timed interleaved (step i of every layout before step i + 1), so load from other processes
-falls on both alike. Prints one JSON object per line: ``collate`` per (shape, layout), ``train_step`` per
-(shape, backend, layout), ``skipped`` notes, and a final ``summary`` with ``speedup_packed_vs_padded`` =
-padded seconds_per_step / packed seconds_per_step (medians) for each shape and backend, and the same
-ratio of the fastest steps (``speedup_packed_vs_padded_best_step``), which is less sensitive to load.
+Variants, all timed interleaved in one run (step i of every variant before step i + 1, so load from
+other processes falls on all alike):
+- ``original/padded``: the ORIGINAL scGPT architecture on padded batches, torch ``nn.TransformerEncoder``
+  (benchmarks/original_scgpt.py, written from ../shared/specs/scgpt-format.md): the baseline. It drops
+  out attention probabilities as torch's layer does; ``ScGPTModel`` does not, and
+  ``--original-attention-dropout 0`` takes that work out of the comparison;
+- ``<backend>/<layout>``: our ``ScGPTModel`` with each attention backend (sdpa, reference, torch_varlen:
+  the plain-torch stand-in for flash-attn's varlen path; flash_attn: CUDA + flash-attn only, skipped
+  with a note otherwise) on padded and packed (unpadded) batches;
+- ``<backend>/packed+<extra>`` for ``--extras``: ``compile`` (torch.compile of the encoder layers'
+  per-token blocks, dynamic token count; compile time falls in the warm-up steps), ``checkpointing``
+  (activation checkpointing of every encoder layer), ``fused_adamw`` (``AdamW(fused=True)``).
 
-Backends: sdpa, reference, flash_attn (CUDA + flash-attn only; skipped with a note otherwise) and
-torch_varlen (the plain-torch stand-in for flash-attn's varlen path, ``VarlenAttention``).
+Prints one JSON object per line: ``collate`` per (shape, layout), ``train_step`` per (shape, variant)
+with seconds per step (median and fastest), cells/s, real tokens/s and model TFLOP/s (scgpt.flops:
+real tokens only, 3 x forward), ``skipped`` notes, and a final ``summary`` with, per shape,
+``speedup_vs_original`` (original/padded median s/step over the variant's) and ``speedup_vs_padded``
+(the same backend's padded median over the variant's), plus the same ratios of the fastest steps.
 
-Commands recorded in BENCHMARKS.md (CPU):
-    python benchmarks/train_step.py --shapes tiny --backends sdpa,reference,torch_varlen,flash_attn --batch-size 32 --steps 10 --warmup 2
-    python benchmarks/train_step.py --shapes whole_human --n-layers 2 --backends sdpa,reference,torch_varlen --batch-size 8 --steps 4 --warmup 1
-On a GPU:
-    python benchmarks/train_step.py --shapes whole_human --backends sdpa,flash_attn --device cuda --dtype bfloat16 --batch-size 32 --steps 20 --warmup 5
+Commands recorded in BENCHMARKS.md (CPU; --threads 1 because the 2-core machine is shared):
+    python benchmarks/train_step.py --shapes tiny --backends sdpa,reference,torch_varlen,flash_attn --batch-size 32 --steps 20 --warmup 2 --threads 1
+    python benchmarks/train_step.py --shapes whole_human --n-layers 2 --backends sdpa,torch_varlen --batch-size 8 --steps 4 --warmup 1 --threads 1
+On a GPU (bf16 autocast; prints MFU against the bf16 peak of the device):
+    python benchmarks/train_step.py --shapes whole_human --backends sdpa,flash_attn --device cuda --dtype bfloat16 --batch-size 32 --steps 20 --warmup 5 --extras compile,fused_adamw
 """
 
 from __future__ import annotations
@@ -34,32 +44,40 @@ import sys
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from data_modules.collate import CellBatch, CellCollator, CollatorConfig
-from scgpt.config import ModelConfig
-from scgpt.model.attention import (VarlenAttention, build_attention_backend, flash_attn_available,
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # original_scgpt, run as a script from anywhere
+
+from data_modules.collate import CellBatch, CellCollator, CollatorConfig  # noqa: E402
+from original_scgpt import OriginalScGPT  # noqa: E402
+from scgpt.config import ModelConfig  # noqa: E402
+from scgpt.flops import count_flops, mfu, peak_tflops  # noqa: E402
+from scgpt.model.attention import (VarlenAttention, build_attention_backend, flash_attn_available,  # noqa: E402
                                    torch_varlen_kernel)
-from scgpt.model.scgpt import ScGPTModel
-from scgpt.objectives import ObjectiveContext, build_objectives
+from scgpt.model.scgpt import ScGPTModel  # noqa: E402
+from scgpt.objectives import ObjectiveContext, build_objectives  # noqa: E402
 
 SHAPES = {  # dropout is each shape's default (conf/model/tiny.yaml, conf/model/scgpt_whole_human.yaml)
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_hid=128, max_seq_len=256, n_bins=51, dropout=0.1),
+    "small": dict(d_model=256, n_layers=4, n_heads=8, d_hid=512, max_seq_len=600, n_bins=51, dropout=0.1),
     "whole_human": dict(d_model=512, n_layers=12, n_heads=8, d_hid=512, max_seq_len=1200, n_bins=51, dropout=0.2),
 }
 BACKENDS = ("sdpa", "reference", "flash_attn", "torch_varlen")
 LAYOUTS = ("padded", "packed")
+EXTRAS = ("compile", "checkpointing", "fused_adamw")
 OBJECTIVE_WEIGHTS = {"gep": 1.0, "gen": 1.0, "mvc": 1.0}
 N_SPECIALS = 3  # <pad>, <cls>, <eoc> follow the genes, as in GeneVocab.from_genes
+BASELINE = "original/padded"
 
 
 def _csv(choices):
     def parse(text):
         items = [t.strip() for t in text.split(",") if t.strip()]
         bad = [t for t in items if t not in choices]
-        if bad or not items:
+        if bad or (not items and text):
             raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {', '.join(choices)}")
         return items
     return parse
@@ -71,6 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-layers", type=int, default=None, help="override the shape's encoder depth")
     p.add_argument("--backends", type=_csv(BACKENDS), default=["sdpa", "reference"])
     p.add_argument("--layouts", type=_csv(LAYOUTS), default=list(LAYOUTS))
+    p.add_argument("--extras", type=_csv(EXTRAS), default=[], help="extra packed variants per backend")
+    p.add_argument("--no-original", action="store_true", help="leave out the original-architecture baseline")
+    p.add_argument("--original-attention-dropout", type=float, default=None,
+                   help="dropout on the baseline's attention probabilities; default: the model's dropout, as "
+                        "torch's nn.TransformerEncoderLayer (and the original scGPT) applies it; ScGPTModel has none")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -81,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=2000, help="embedding table size, 3 special tokens included")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generative-fraction", type=float, default=0.5)
+    p.add_argument("--group-tolerance", type=float, default=None,
+                   help="packed sdpa/reference: attend cells of similar length together (see attention.py)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: bf16 table)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps torch's default")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -135,91 +161,158 @@ def to_device(batch: CellBatch, device: torch.device) -> CellBatch:
     return CellBatch(**moved)
 
 
-def make_backend(name: str):
-    if name == "torch_varlen":
-        return VarlenAttention(torch_varlen_kernel, "torch_varlen")
-    return build_attention_backend(name)
+def make_backend(name: str, group_tolerance: float | None = None):
+    backend = VarlenAttention(torch_varlen_kernel, "torch_varlen") if name == "torch_varlen" else build_attention_backend(name)
+    if group_tolerance is not None:
+        backend.group_tolerance = group_tolerance
+    return backend
 
 
-def make_trainer(args, cfg: ModelConfig, backend_name: str, device: torch.device):
-    """(model, objectives, optimizer) as PretrainTask builds them, seeded for identical init."""
-    torch.manual_seed(args.seed)
-    model = ScGPTModel(cfg, make_backend(backend_name)).to(device).train()
+def make_optimizer(model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW as PretrainTask builds it: weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
-    return model, build_objectives(OBJECTIVE_WEIGHTS, None, cfg), optimizer
+    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98), **({"fused": True} if fused else {}))
 
 
-def train_step(model, objectives, optimizer, batch: CellBatch, device: torch.device, dtype: str) -> None:
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    with autocast:
-        gen_mask = batch.gen_mask if bool(batch.generative.any()) else None
-        out = model(batch.gene_ids, batch.values, batch.layout, gen_mask=gen_mask)
-        ctx = ObjectiveContext()
-        loss = sum(o.weight * sum(o(out, batch, ctx).values()) for o in objectives)
+StepFn = Callable[[CellBatch], None]
+
+
+def ours(args, cfg: ModelConfig, backend: str, device: torch.device, extra: str | None = None) -> StepFn:
+    """A training step of ScGPTModel with ``backend`` (and an optional speed option), seeded init."""
+    torch.manual_seed(args.seed)
+    model = ScGPTModel(cfg, make_backend(backend, args.group_tolerance)).to(device).train()
+    model.transformer_encoder.activation_checkpointing = extra == "checkpointing"
+    if extra == "compile":
+        model.transformer_encoder.compile_token_ops()  # as PretrainTask(compile=True)
+    optimizer = make_optimizer(model, fused=extra == "fused_adamw")
+    objectives = build_objectives(OBJECTIVE_WEIGHTS, None, cfg)
+
+    def step(batch: CellBatch) -> None:
+        with autocast(device, args.dtype):
+            gen_mask = batch.gen_mask if bool(batch.generative.any()) else None
+            out = model(batch.gene_ids, batch.values, batch.layout, gen_mask=gen_mask)
+            loss = sum(o.weight * sum(o(out, batch, ObjectiveContext()).values()) for o in objectives)
+        finish(loss, optimizer)
+    return step
+
+
+def original(args, cfg: ModelConfig, device: torch.device) -> StepFn:
+    """A training step of the original scGPT architecture (padded nn.TransformerEncoder)."""
+    torch.manual_seed(args.seed)
+    model = OriginalScGPT(cfg, args.original_attention_dropout).to(device).train()
+    optimizer = make_optimizer(model)
+    objectives = build_objectives(OBJECTIVE_WEIGHTS, None, cfg)
+
+    def step(batch: CellBatch) -> None:
+        with autocast(device, args.dtype):
+            gen_mask = batch.gen_mask if bool(batch.generative.any()) else None
+            out = model(batch.gene_ids, batch.values, batch.padding_mask, gen_mask)
+            loss = sum(o.weight * sum(o(out, batch, ObjectiveContext()).values()) for o in objectives)
+        finish(loss, optimizer)
+    return step
+
+
+def autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def finish(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
-def time_interleaved(args, cfg: ModelConfig, backend: str, batches: dict[str, list[CellBatch]],
-                     device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each timed step per layout. Step i runs batch i on every layout before step i + 1, so
-    background load on a shared machine falls on all layouts alike; ``warmup`` steps are not timed."""
+def time_interleaved(args, variants: dict[str, tuple[StepFn, list[CellBatch]]], device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each timed step per variant. Step i runs batch i on every variant before step i + 1,
+    so background load on a shared machine falls on all alike, in an order rotated by one each step so
+    that no variant always runs first; ``warmup`` steps are not timed."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    trainers = {layout: make_trainer(args, cfg, backend, device) for layout in args.layouts}
-    on_device = {layout: [to_device(b, device) for b in batches[layout]] for layout in args.layouts}
-    seconds: dict[str, list[float]] = {layout: [] for layout in args.layouts}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     for i in range(args.warmup + args.steps):
-        for layout in args.layouts:
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            step, batches = variants[name]
             sync()
             start = time.perf_counter()
-            train_step(*trainers[layout], on_device[layout][i], device, args.dtype)
+            step(batches[i])
             sync()
             if i >= args.warmup:
-                seconds[layout].append(time.perf_counter() - start)
+                seconds[name].append(time.perf_counter() - start)
     return seconds
-
-
-def token_counts(padded: list[CellBatch]) -> tuple[float, float]:
-    """Mean (padded B x L, real non-pad incl. <cls>) tokens per batch."""
-    return (statistics.mean(b.gene_ids.numel() for b in padded), statistics.mean(b.n_tokens for b in padded))
 
 
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> dict[str, dict[str, list[float]]]:
-    """Run every (backend, layout) for one shape; -> {backend: {layout: seconds of each timed step}}."""
+def build_variants(args, cfg, shape_name, batches, device) -> dict[str, tuple[StepFn, list[CellBatch]]]:
+    variants = {} if args.no_original else {BASELINE: (original(args, cfg, device), batches["padded"])}
+    for backend in args.backends:
+        if backend == "flash_attn" and not (device.type == "cuda" and flash_attn_available()):
+            emit(dict(kind="skipped", shape=shape_name, backend=backend,
+                      reason="flash_attn needs CUDA and the flash-attn package"))
+            continue
+        for layout in args.layouts:
+            variants[f"{backend}/{layout}"] = (ours(args, cfg, backend, device), batches[layout])
+        for extra in args.extras:
+            if extra == "fused_adamw" and device.type == "cpu" and not _fused_adamw_on_cpu():
+                emit(dict(kind="skipped", shape=shape_name, backend=backend, extra=extra,
+                          reason=f"AdamW(fused=True) is not available on CPU in torch {torch.__version__}"))
+                continue
+            variants[f"{backend}/packed+{extra}"] = (ours(args, cfg, backend, device, extra), batches["packed"])
+    return variants
+
+
+def _fused_adamw_on_cpu() -> bool:
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> dict[str, list[float]]:
+    """Run every variant for one shape; -> {variant: seconds of each timed step}."""
     shape = dict(SHAPES[shape_name], **({"n_layers": args.n_layers} if args.n_layers else {}))
     cfg = ModelConfig(vocab_size=args.vocab_size, pad_token_id=args.vocab_size - N_SPECIALS, **shape)
     rng = np.random.default_rng(args.seed)
     cells = synthetic_cells(rng, args.batch_size * (args.warmup + args.steps), args.vocab_size - N_SPECIALS,
                             shape["max_seq_len"] - 1, args.min_frac, args.max_frac)
     batches = {}
-    for layout in LAYOUTS:  # padded always: it gives the token counts
+    for layout in LAYOUTS:  # both always: padded feeds the baseline and gives the token counts
         batches[layout], seconds = collate(args, shape, layout, cells)
         emit(dict(kind="collate", shape=shape_name, layout=layout, cells=len(cells),
                   cells_per_s=len(cells) / seconds, **common))
-    padded_tokens, real_tokens = token_counts(batches["padded"])
-    results = {}
-    for backend in args.backends:
-        if backend == "flash_attn" and not (device.type == "cuda" and flash_attn_available()):
-            emit(dict(kind="skipped", shape=shape_name, backend=backend,
-                      reason="flash_attn needs CUDA and the flash-attn package"))
-            continue
-        results[backend] = time_interleaved(args, cfg, backend, batches, device)
-        for layout, seconds in results[backend].items():
-            median = statistics.median(seconds)
-            emit(dict(kind="train_step", shape=shape_name, n_layers=cfg.n_layers, backend=backend, layout=layout,
-                      batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, seconds_per_step=median,
-                      seconds_per_step_min=min(seconds), cells_per_s=args.batch_size / median,
-                      tokens_per_s=real_tokens / median, padded_tokens_per_batch=padded_tokens,
-                      real_tokens_per_batch=real_tokens, **common))
+        batches[layout] = [to_device(b, device) for b in batches[layout]]
+    timed = batches["padded"][args.warmup:]
+    padded_tokens = statistics.mean(b.gene_ids.numel() for b in timed)
+    real_tokens = statistics.mean(b.n_tokens for b in timed)
+    flops = statistics.mean(count_flops(cfg, b.layout.lengths).training_step for b in timed)
+    peak = args.peak_tflops or (peak_tflops(device_name(device), "bf16") if args.dtype == "bfloat16" else None)
+    results = time_interleaved(args, build_variants(args, cfg, shape_name, batches, device), device)
+    for name, seconds in results.items():
+        median = statistics.median(seconds)
+        emit(dict(kind="train_step", shape=shape_name, n_layers=cfg.n_layers, variant=name,
+                  batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, seconds_per_step=median,
+                  seconds_per_step_min=min(seconds), cells_per_s=args.batch_size / median,
+                  tokens_per_s=real_tokens / median, tflops_per_s=flops / median / 1e12,
+                  mfu=mfu(flops, median, peak), peak_tflops=peak, flops_per_step=flops,
+                  padded_tokens_per_batch=padded_tokens, real_tokens_per_batch=real_tokens, **common))
     return results
+
+
+def ratios(results: dict[str, list[float]], reduce) -> tuple[dict[str, float], dict[str, float]]:
+    """(vs the original baseline, vs the same backend padded) of ``reduce`` (median or min) seconds."""
+    vs_original, vs_padded = {}, {}
+    for name, seconds in results.items():
+        if BASELINE in results and name != BASELINE:
+            vs_original[name] = reduce(results[BASELINE]) / reduce(seconds)
+        padded = name.split("/")[0] + "/padded"
+        if padded in results and name != padded and name != BASELINE:
+            vs_padded[name] = reduce(results[padded]) / reduce(seconds)
+    return vs_original, vs_padded
 
 
 def main(argv=None) -> int:
@@ -230,15 +323,16 @@ def main(argv=None) -> int:
     common = dict(device=args.device, device_name=device_name(device), torch=torch.__version__,
                   threads=torch.get_num_threads(), dtype=args.dtype, seed=args.seed, vocab_size=args.vocab_size,
                   min_frac=args.min_frac, max_frac=args.max_frac, generative_fraction=args.generative_fraction)
-    median_ratio, best_ratio = {}, {}
+    summary = {key: {} for key in ("speedup_vs_original", "speedup_vs_padded", "speedup_vs_original_best_step",
+                                   "speedup_vs_padded_best_step")}
     for shape_name in args.shapes:
-        for backend, by_layout in bench_shape(args, shape_name, device, common).items():
-            if {"padded", "packed"} <= set(by_layout):
-                padded, packed = by_layout["padded"], by_layout["packed"]
-                median_ratio.setdefault(shape_name, {})[backend] = statistics.median(padded) / statistics.median(packed)
-                best_ratio.setdefault(shape_name, {})[backend] = min(padded) / min(packed)
-    emit(dict(kind="summary", speedup_packed_vs_padded=median_ratio, speedup_packed_vs_padded_best_step=best_ratio,
-              n_layers={s: args.n_layers or SHAPES[s]["n_layers"] for s in args.shapes}, **common))
+        results = bench_shape(args, shape_name, device, common)
+        summary["speedup_vs_original"][shape_name], summary["speedup_vs_padded"][shape_name] = \
+            ratios(results, statistics.median)
+        summary["speedup_vs_original_best_step"][shape_name], summary["speedup_vs_padded_best_step"][shape_name] = \
+            ratios(results, min)
+    emit(dict(kind="summary", **summary, original_attention_dropout=args.original_attention_dropout, n_layers={s: args.n_layers or SHAPES[s]["n_layers"] for s in args.shapes},
+              **common))
     return 0
 
 

@@ -10,6 +10,14 @@ Backends:
 - ``flash_attn``: flash-attn 2 varlen kernels on unpadded tokens (CUDA only). The generative mask is
   not a shape flash-attn supports directly, so it is computed exactly from two varlen calls and the
   log-sum-exp of each (see :func:`generative_varlen_attention`).
+
+Packed (unpadded) tokens: everything that depends only on the cells' lengths and the generative mask
+(per-cell masks, length groups, index tensors, host-side lengths) is computed once per forward in a
+:class:`PackedPlan` and shared by every layer. ``reference`` and ``sdpa`` attend each cell on its own
+(optionally groups of cells of similar length, padded to the longest: ``group_tolerance``), so no work
+crosses cells. Sequence packing in the flash-attn sense (all cells of a batch in one row, block-diagonal
+attention) is exactly the packed layout with ``cu_seqlens``; a dense block-diagonal mask over one row
+would cost (sum of l)^2 attention work instead of sum of l^2, so no backend builds one.
 """
 
 from __future__ import annotations
@@ -26,9 +34,16 @@ from scgpt.errors import ConfigError
 # kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k) -> (out (Tq, H, Dh), lse (Tq, H))
 VarlenKernel = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor]]
 
+# ``reference`` / ``sdpa`` on packed cells: a group of cells may cost at most this much more attention
+# work than its cells attended one by one; < 0: every cell alone. Alone was fastest on CPU (BENCHMARKS.md:
+# tolerance 0.05 / 0.15 / 0.3 / 1.0 were 5-30% slower per step on the tiny shape); where per-call overhead
+# dominates (a GPU without flash-attn, many short cells) a tolerance near 0.15 may pay: measure it there.
+DEFAULT_GROUP_TOLERANCE = -1.0
+
 
 def allowed_keys(padding_mask: Tensor | None, gen_mask: Tensor | None, length: int, device) -> Tensor | None:
-    """Boolean mask (B, 1, L, L) of the keys each query may attend to; None when all may."""
+    """Boolean mask (B, 1, L, L) of the keys each query may attend to ((B, 1, 1, L) without
+    ``gen_mask``); None when all may."""
     allowed = None
     if padding_mask is not None:
         allowed = ~padding_mask[:, None, None, :]  # (B, 1, 1, L)
@@ -39,42 +54,129 @@ def allowed_keys(padding_mask: Tensor | None, gen_mask: Tensor | None, length: i
     return allowed
 
 
-def _segments(cu_seqlens: Tensor) -> list[tuple[int, int]]:
-    bounds = cu_seqlens.tolist()
-    return list(zip(bounds[:-1], bounds[1:]))
+def _cumulative(counts: Tensor) -> Tensor:
+    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    cu[1:] = counts.cumsum(0)
+    return cu
+
+
+def length_groups(lengths: list[int], tolerance: float) -> list[list[int]]:
+    """Cells (indices) grouped by similar length, longest first. A group padded to its longest cell
+    costs at most ``(1 + tolerance)`` x the attention work (sum of l^2) of its cells one by one;
+    ``tolerance < 0`` keeps every cell alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and tolerance >= 0:
+            group = groups[-1]
+            longest = lengths[group[0]]
+            exact = sum(lengths[j] ** 2 for j in group) + lengths[i] ** 2
+            if (len(group) + 1) * longest ** 2 <= (1.0 + tolerance) * exact:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+class PackedPlan:
+    """Per-forward facts about packed cells that every layer reuses (built by ``backend.plan``).
+
+    ``lengths`` are host-side ints (one device sync per forward, not per layer). Backends add their
+    own cached tensors lazily in ``cache``.
+    """
+
+    def __init__(self, cu_seqlens: Tensor, max_seqlen: int, gen_mask: Tensor | None) -> None:
+        self.cu_seqlens = cu_seqlens  # (B + 1,) int32
+        self.max_seqlen = max_seqlen
+        self.gen_mask = gen_mask if gen_mask is not None and bool(gen_mask.any()) else None  # (T,) bool
+        self.lengths: list[int] = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        self.starts: list[int] = cu_seqlens[:-1].tolist()
+        self.cache: dict[str, object] = {}
+
+
+class CellGroups:
+    """How ``reference`` and ``sdpa`` attend packed cells: cells alone (a view of their tokens), or a few
+    cells of similar length gathered into one padded batch with one index over all such groups."""
+
+    def __init__(self, plan: PackedPlan, tolerance: float) -> None:
+        device, gen = plan.cu_seqlens.device, plan.gen_mask
+        self.singles: list[tuple[int, Tensor | None]] = []  # (cell, allowed (1, 1, l, l) or None)
+        self.groups: list[tuple[list[int], list[int], Tensor | None]] = []  # (cells, lengths, allowed)
+        indices = []
+        for cells in length_groups(plan.lengths, tolerance):
+            lengths = [plan.lengths[i] for i in cells]
+            if len(cells) == 1:
+                start, length = plan.starts[cells[0]], lengths[0]
+                cell_gen = None if gen is None else gen[start:start + length]
+                use_gen = cell_gen is not None and bool(cell_gen.any())
+                self.singles.append((cells[0], allowed_keys(None, cell_gen[None], length, device) if use_gen else None))
+                continue
+            longest = lengths[0]
+            starts = torch.tensor([plan.starts[i] for i in cells], device=device)  # (g,)
+            offset = torch.arange(longest, device=device)  # (m,)
+            padding = offset[None, :] >= torch.tensor(lengths, device=device)[:, None]  # (g, m)
+            index = (starts[:, None] + offset[None, :].masked_fill(padding, 0)).flatten()  # (g * m,) any real token at padding
+            group_gen = None if gen is None else gen[index].view(len(cells), longest) & ~padding
+            if group_gen is not None and not bool(group_gen.any()):
+                group_gen = None
+            self.groups.append((cells, lengths, allowed_keys(padding, group_gen, longest, device)))
+            indices.append(index)
+        self.index = torch.cat(indices) if indices else None  # (sum g * m,) tokens of every group, padded
+        self.sizes = [len(cells) * lengths[0] for cells, lengths, _ in self.groups]
 
 
 class AttentionBackend:
     """One way of computing multi-head attention, for padded and for packed tokens."""
 
     name = "base"
+    group_tolerance = DEFAULT_GROUP_TOLERANCE
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        """q, k, v: (B, H, L, Dh); allowed: bool, broadcastable to (B, H, L, L), or None -> (B, H, L, Dh)."""
+        raise NotImplementedError
 
     def padded(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None,
                gen_mask: Tensor | None) -> Tensor:
         """q, k, v: (B, H, L, Dh); padding_mask, gen_mask: (B, L) bool -> (B, H, L, Dh)."""
-        raise NotImplementedError
+        return self.attend(q, k, v, allowed_keys(padding_mask, gen_mask, q.shape[-2], q.device))
+
+    def plan(self, cu_seqlens: Tensor, max_seqlen: int, gen_mask: Tensor | None) -> PackedPlan:
+        """What :meth:`packed` needs about the cells, computed once per forward for every layer."""
+        return PackedPlan(cu_seqlens, max_seqlen, gen_mask)
 
     def packed(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-               gen_mask: Tensor | None) -> Tensor:
+               gen_mask: Tensor | None, plan: PackedPlan | None = None) -> Tensor:
         """q, k, v: (T, H, Dh); cu_seqlens (B + 1,); gen_mask (T,) bool -> (T, H, Dh).
 
-        The default runs :meth:`padded` on each cell on its own: no padding, no cross-cell work.
+        No work crosses cells. A cell attends alone on a view of its tokens, or with cells of similar
+        length padded to the longest of their group (``group_tolerance``); tensors are split once and
+        the result concatenated once, so backward does O(T) work per layer, not O(cells x T).
         """
-        out = torch.empty_like(q)
-        for start, end in _segments(cu_seqlens):
-            seg = slice(start, end)
-            seg_gen = None if gen_mask is None else gen_mask[None, seg]  # (1, l)
-            qs, ks, vs = (t[seg].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, l, Dh)
-            out[seg] = self.padded(qs, ks, vs, None, seg_gen)[0].transpose(0, 1)
-        return out
+        plan = plan or self.plan(cu_seqlens, max_seqlen, gen_mask)
+        cells = plan.cache.get("cell_groups")
+        if cells is None:
+            cells = plan.cache["cell_groups"] = CellGroups(plan, self.group_tolerance)
+        pieces: list[Tensor | None] = [None] * len(plan.lengths)
+        if cells.singles:
+            q_cells, k_cells, v_cells = (t.split(plan.lengths) for t in (q, k, v))  # views (l, H, Dh)
+            for cell, allowed in cells.singles:
+                qs, ks, vs = (t[cell].transpose(0, 1)[None] for t in (q_cells, k_cells, v_cells))  # (1, H, l, Dh)
+                pieces[cell] = self.attend(qs, ks, vs, allowed)[0].transpose(0, 1)
+        if cells.groups:
+            gathered = (t.index_select(0, cells.index).split(cells.sizes) for t in (q, k, v))
+            for (group, lengths, allowed), qg, kg, vg in zip(cells.groups, *gathered):
+                qg, kg, vg = (t.view(len(group), lengths[0], *t.shape[1:]).transpose(1, 2) for t in (qg, kg, vg))
+                out = self.attend(qg, kg, vg, allowed).transpose(1, 2).unbind(0)  # g x (m, H, Dh)
+                for cell, length, cell_out in zip(group, lengths, out):
+                    pieces[cell] = cell_out[:length]
+        return torch.cat(pieces)  # (T, H, Dh)
 
 
 class ReferenceAttention(AttentionBackend):
     name = "reference"
 
-    def padded(self, q, k, v, padding_mask, gen_mask):
+    def attend(self, q, k, v, allowed):
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, L, L)
-        allowed = allowed_keys(padding_mask, gen_mask, q.shape[-2], q.device)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
@@ -83,24 +185,24 @@ class ReferenceAttention(AttentionBackend):
 class SdpaAttention(AttentionBackend):
     name = "sdpa"
 
-    def padded(self, q, k, v, padding_mask, gen_mask):
-        allowed = allowed_keys(padding_mask, gen_mask, q.shape[-2], q.device)
+    def attend(self, q, k, v, allowed):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
 def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
     """A plain-torch stand-in for flash-attn's varlen kernel that also returns the log-sum-exp."""
-    out = q.new_zeros(q.shape)
-    lse = q.new_full(q.shape[:2], float("-inf"), dtype=torch.float32)  # (Tq, H)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    for (qs, qe), (ks, ke) in zip(_segments(cu_q), _segments(cu_k)):
-        if qe == qs or ke == ks:
+    lens_q, lens_k = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
+    outs, lses = [], []
+    for qs, ks, vs in zip(q.split(lens_q), k.split(lens_k), v.split(lens_k)):
+        if qs.shape[0] == 0 or ks.shape[0] == 0:
+            outs.append(qs.new_zeros(qs.shape))
+            lses.append(qs.new_full(qs.shape[:2], float("-inf"), dtype=torch.float32))
             continue
-        scores = torch.einsum("qhd,khd->hqk", q[qs:qe].float(), k[ks:ke].float()) * scale  # (H, lq, lk)
-        lse[qs:qe] = torch.logsumexp(scores, dim=-1).transpose(0, 1)
-        probs = torch.softmax(scores, dim=-1)
-        out[qs:qe] = torch.einsum("hqk,khd->qhd", probs, v[ks:ke].float()).to(q.dtype)
-    return out, lse
+        scores = torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale  # (H, lq, lk)
+        lses.append(torch.logsumexp(scores, dim=-1).transpose(0, 1))
+        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vs.float()).to(q.dtype))
+    return torch.cat(outs), torch.cat(lses)
 
 
 def flash_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
@@ -114,14 +216,23 @@ def flash_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
     return out, lse.transpose(0, 1).float()
 
 
-def _cumulative(counts: Tensor) -> Tensor:
-    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-    cu[1:] = counts.cumsum(0)
-    return cu
+class GenerativeSplit:
+    """Known and generated tokens of packed cells as index tensors and cu_seqlens (no host syncs later)."""
+
+    def __init__(self, cu_seqlens: Tensor, gen_mask: Tensor) -> None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=gen_mask.device), lengths)  # (T,)
+        known = ~gen_mask
+        n_known = torch.zeros_like(lengths).index_add_(0, seq_ids, known.long())  # (B,)
+        self.cu_known, self.cu_gen = _cumulative(n_known), _cumulative(lengths - n_known)
+        self.max_known, self.max_gen = int(n_known.max()), int((lengths - n_known).max())
+        self.known_idx = known.nonzero().squeeze(1)  # (Tk,) in cell order: cells stay grouped
+        self.gen_idx = gen_mask.nonzero().squeeze(1)  # (Tg,)
+        self.restore = torch.cat([self.known_idx, self.gen_idx]).argsort()  # (T,) back to token order
 
 
 def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, gen_mask: Tensor,
-                                kernel: VarlenKernel) -> Tensor:
+                                kernel: VarlenKernel, split: GenerativeSplit | None = None) -> Tensor:
     """Exact generative-mask attention from two varlen calls on packed tokens.
 
     Known queries attend to the known keys of their cell. A generated query attends to the known keys
@@ -129,24 +240,18 @@ def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
     softmax over the union is the lse-weighted mix ``(e^lse * out_known + e^s * v_self) / (e^lse + e^s)``.
     Packed tokens are contiguous per cell, so selecting known or generated tokens keeps cells grouped.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=q.device), lengths)  # (T,)
-    known = ~gen_mask
-    n_known = torch.zeros_like(lengths).index_add_(0, seq_ids, known.long())  # (B,)
-    cu_known, cu_gen = _cumulative(n_known), _cumulative(lengths - n_known)
-    max_known, max_gen = int(n_known.max()), int((lengths - n_known).max())
-    qk, kk, vk = q[known], k[known], v[known]  # (Tk, H, Dh)
-    out = torch.empty_like(q)
-    out[known] = kernel(qk, kk, vk, cu_known, cu_known, max_known, max_known)[0]
-    if max_gen == 0:
-        return out
-    qg, kg, vg = q[gen_mask], k[gen_mask], v[gen_mask]  # (Tg, H, Dh)
-    cross, lse = kernel(qg, kk, vk, cu_gen, cu_known, max_gen, max_known)  # (Tg, H, Dh), (Tg, H)
+    split = split or GenerativeSplit(cu_seqlens, gen_mask)
+    qk, kk, vk = (t.index_select(0, split.known_idx) for t in (q, k, v))  # (Tk, H, Dh)
+    out_known = kernel(qk, kk, vk, split.cu_known, split.cu_known, split.max_known, split.max_known)[0]
+    if split.max_gen == 0:
+        return out_known
+    qg, kg, vg = (t.index_select(0, split.gen_idx) for t in (q, k, v))  # (Tg, H, Dh)
+    cross, lse = kernel(qg, kk, vk, split.cu_gen, split.cu_known, split.max_gen, split.max_known)  # (Tg, H, Dh), (Tg, H)
     self_score = (qg.float() * kg.float()).sum(-1) / math.sqrt(q.shape[-1])  # (Tg, H)
     top = torch.maximum(lse, self_score)
     w_cross, w_self = torch.exp(lse - top)[..., None], torch.exp(self_score - top)[..., None]
-    out[gen_mask] = ((w_cross * cross.float() + w_self * vg.float()) / (w_cross + w_self)).to(q.dtype)
-    return out
+    out_gen = ((w_cross * cross.float() + w_self * vg.float()) / (w_cross + w_self)).to(q.dtype)
+    return torch.cat([out_known, out_gen]).index_select(0, split.restore)
 
 
 class VarlenAttention(AttentionBackend):
@@ -156,10 +261,20 @@ class VarlenAttention(AttentionBackend):
         self.kernel = kernel
         self.name = name
 
-    def packed(self, q, k, v, cu_seqlens, max_seqlen, gen_mask):
-        if gen_mask is None or not bool(gen_mask.any()):
+    def plan(self, cu_seqlens, max_seqlen, gen_mask):
+        plan = PackedPlan(cu_seqlens, max_seqlen, gen_mask)
+        if plan.gen_mask is not None:
+            plan.cache["split"] = GenerativeSplit(cu_seqlens, plan.gen_mask)
+        return plan
+
+    def packed(self, q, k, v, cu_seqlens, max_seqlen, gen_mask, plan=None):
+        plan = plan or self.plan(cu_seqlens, max_seqlen, gen_mask)
+        if plan.gen_mask is None:
             return self.kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)[0]
-        return generative_varlen_attention(q, k, v, cu_seqlens, gen_mask, self.kernel)
+        return generative_varlen_attention(q, k, v, cu_seqlens, plan.gen_mask, self.kernel, plan.cache["split"])
+
+    def attend(self, q, k, v, allowed):
+        raise NotImplementedError("VarlenAttention takes padding and generative masks, not a dense mask")
 
     def padded(self, q, k, v, padding_mask, gen_mask):
         batch, heads, length, _ = q.shape

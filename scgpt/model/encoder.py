@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scgpt.model.attention import AttentionBackend
+from torch.utils.checkpoint import checkpoint
+
+from scgpt.model.attention import AttentionBackend, PackedPlan
 from scgpt.model.layout import TokenLayout
 
 
@@ -25,12 +27,13 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend) -> Tensor:
+    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend,
+                plan: PackedPlan | None = None) -> Tensor:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (..., 3D)
         qkv = qkv.unflatten(-1, (3, self.n_heads, -1))  # (..., 3, H, Dh)
         if layout.is_packed:
             q, k, v = qkv.unbind(dim=-3)  # (T, H, Dh)
-            out = backend.packed(q, k, v, layout.cu_seqlens, layout.max_seqlen, gen_mask)
+            out = backend.packed(q, k, v, layout.cu_seqlens, layout.max_seqlen, gen_mask, plan)
         else:
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # (B, H, L, Dh)
             out = backend.padded(q, k, v, layout.padding_mask, gen_mask).transpose(1, 2)  # (B, L, H, Dh)
@@ -55,27 +58,53 @@ class EncoderLayer(nn.Module):
     def _ffn(self, x: Tensor) -> Tensor:
         return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
-    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend) -> Tensor:
+    def _after_attention(self, x: Tensor, attn: Tensor) -> Tensor:
+        """Residuals, norms and FFN: per-token work only, the part ``compile_token_ops`` compiles."""
         if self.pre_norm:
-            x = x + self.dropout1(self.self_attn(self.norm1(x), layout, gen_mask, backend))
+            x = x + self.dropout1(attn)
             return x + self._ffn(self.norm2(x))
-        x = self.norm1(x + self.dropout1(self.self_attn(x, layout, gen_mask, backend)))
+        x = self.norm1(x + self.dropout1(attn))
         return self.norm2(x + self._ffn(x))
+
+    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend,
+                plan: PackedPlan | None = None) -> Tensor:
+        attn = self.self_attn(self.norm1(x) if self.pre_norm else x, layout, gen_mask, backend, plan)
+        return self._after_attention(x, attn)
 
 
 class TransformerEncoder(nn.Module):
-    """A stack of encoder layers; pre-norm stacks end with a final LayerNorm."""
+    """A stack of encoder layers; pre-norm stacks end with a final LayerNorm.
+
+    Packed input: the attention plan (cell lengths, masks, index tensors) is built once per forward
+    and shared by every layer. ``activation_checkpointing`` recomputes each layer in backward instead
+    of keeping its activations (less memory, about one more forward of compute); it is set by the
+    training task, not stored in the model config, and applies in training mode only. Dropout noise in
+    the recomputation is replayed (torch saves and restores the RNG state), so gradients are the same.
+    """
 
     def __init__(self, cfg, backend: AttentionBackend) -> None:
         super().__init__()
         self.backend = backend
+        self.activation_checkpointing = False
         self.layers = nn.ModuleList(
             EncoderLayer(cfg.d_model, cfg.n_heads, cfg.d_hid, cfg.dropout, cfg.norm_scheme, cfg.layer_norm_eps)
             for _ in range(cfg.n_layers)
         )
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_scheme == "pre" else None
 
-    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None) -> Tensor:
+    def compile_token_ops(self) -> None:
+        """``torch.compile`` each layer's per-token block (residuals, norms, dropout, FFN) with a dynamic
+        token count. Attention stays eager: its per-cell loop over varying lengths would make the
+        compiler break the graph and recompile for each new length. Parameter names do not change."""
         for layer in self.layers:
-            x = layer(x, layout, gen_mask, self.backend)
+            layer._after_attention = torch.compile(layer._after_attention, dynamic=True)
+
+    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None) -> Tensor:
+        plan = self.backend.plan(layout.cu_seqlens, layout.max_seqlen, gen_mask) if layout.is_packed else None
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if recompute:
+                x = checkpoint(layer, x, layout, gen_mask, self.backend, plan, use_reentrant=False)
+            else:
+                x = layer(x, layout, gen_mask, self.backend, plan)
         return x if self.final_norm is None else self.final_norm(x)

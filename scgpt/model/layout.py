@@ -6,7 +6,7 @@ shape; only attention and per-cell pooling need to know the layout, and they ask
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ class TokenLayout:
     padding_mask: Tensor | None = None  # (B, L) bool, True at padding
     cu_seqlens: Tensor | None = None  # (B + 1,) int32, token offsets of each cell
     max_seqlen: int = 0  # longest cell (packed layout)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # lengths, seq_ids
 
     def __post_init__(self) -> None:
         if (self.padding_mask is None) == (self.cu_seqlens is None):
@@ -33,19 +34,30 @@ class TokenLayout:
         return self.cu_seqlens.numel() - 1 if self.is_packed else self.padding_mask.shape[0]
 
     @property
-    def lengths(self) -> Tensor:  # (B,) tokens per cell, <cls> included
-        if self.is_packed:
-            return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        return (~self.padding_mask).sum(dim=1)
+    def lengths(self) -> Tensor:  # (B,) tokens per cell, <cls> included; computed once per layout
+        if "lengths" not in self._cache:
+            self._cache["lengths"] = ((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long() if self.is_packed
+                                      else (~self.padding_mask).sum(dim=1))
+        return self._cache["lengths"]
 
     @property
-    def seq_ids(self) -> Tensor:  # (T,) cell index of each packed token
-        return torch.repeat_interleave(torch.arange(self.n_cells, device=self.cu_seqlens.device), self.lengths)
+    def seq_ids(self) -> Tensor:  # (T,) cell index of each packed token; computed once per layout
+        if "seq_ids" not in self._cache:
+            cells = torch.arange(self.n_cells, device=self.cu_seqlens.device)
+            self._cache["seq_ids"] = torch.repeat_interleave(cells, self.lengths, output_size=self.n_tokens)
+        return self._cache["seq_ids"]
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-pad) tokens, <cls> included."""
+        if "n_tokens" not in self._cache:
+            self._cache["n_tokens"] = int(self.cu_seqlens[-1]) if self.is_packed else int((~self.padding_mask).sum())
+        return self._cache["n_tokens"]
 
     def token_mask(self) -> Tensor:
         """True for real tokens: (B, L) padded, (T,) packed."""
         if self.is_packed:
-            return torch.ones(int(self.cu_seqlens[-1]), dtype=torch.bool, device=self.cu_seqlens.device)
+            return torch.ones(self.n_tokens, dtype=torch.bool, device=self.cu_seqlens.device)
         return ~self.padding_mask
 
     def first_tokens(self, x: Tensor) -> Tensor:

@@ -97,3 +97,20 @@ def test_flash_attn_matches_reference_on_gpu(generative):
     out = build_attention_backend("flash_attn").padded(q.bfloat16(), k.bfloat16(), v.bfloat16(), padding, gen)
     torch.testing.assert_close(out.float().transpose(1, 2)[~padding], expected.transpose(1, 2)[~padding],
                                atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend_cls", [ReferenceAttention, SdpaAttention])
+@pytest.mark.parametrize("tolerance", [-1.0, 0.5, 1e9])
+@pytest.mark.parametrize("generative", [False, True])
+def test_packed_cells_grouped_by_length_match_reference(backend_cls, tolerance, generative):
+    q, k, v, padding, gen = _qkv([9, 9, 8, 3, 12, 2, 3], seed=5)
+    gen = gen if generative else None
+    expected = ReferenceAttention().padded(q, k, v, padding, gen).transpose(1, 2)[~padding]
+    backend = backend_cls()
+    backend.group_tolerance = tolerance
+    (pq, layout), (pk, _), (pv, _) = (_packed(t, padding) for t in (q, k, v))
+    packed_gen = None if gen is None else gen[~padding]
+    plan = backend.plan(layout.cu_seqlens, layout.max_seqlen, packed_gen)
+    for _ in range(2):  # the plan is reused, as by every layer of one forward
+        out = backend.packed(pq, pk, pv, layout.cu_seqlens, layout.max_seqlen, packed_gen, plan)
+        torch.testing.assert_close(out, expected)

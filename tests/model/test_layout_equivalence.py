@@ -1,0 +1,129 @@
+"""Padded, packed (unpadded) and grouped-packed computations give the same losses and gradients; speed
+options (activation checkpointing) keep them; GPU-only paths skip cleanly without CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_modules.collate import CellCollator, CollatorConfig
+from scgpt.model import ScGPTModel
+from scgpt.model.attention import (ReferenceAttention, SdpaAttention, VarlenAttention, flash_attn_available,
+                                   length_groups, torch_varlen_kernel)
+from scgpt.objectives import ObjectiveContext, build_objectives
+
+from conftest import PAD, VOCAB, tiny_config
+
+WEIGHTS = {"gep": 1.0, "gen": 1.0, "mvc": 1.0}
+
+
+def _grouped(tolerance):
+    backend = SdpaAttention()
+    backend.group_tolerance = tolerance
+    return backend
+
+
+BACKENDS = {"reference": ReferenceAttention, "sdpa": SdpaAttention,
+            "torch_varlen": lambda: VarlenAttention(torch_varlen_kernel, "torch_varlen"),
+            "sdpa_grouped": lambda: _grouped(1.0), "sdpa_all_in_one_group": lambda: _grouped(1e9)}
+
+
+def _batches(n_cells=7, seed=0, generative_fraction=0.5):
+    rng = np.random.default_rng(seed)
+    cells = []
+    for n in rng.integers(3, 40, size=n_cells):
+        cells.append({"gene_ids": rng.choice(np.arange(3, VOCAB), size=n, replace=False),
+                      "counts": rng.geometric(0.3, size=n).astype(np.float32)})
+    out = {}
+    for layout in ("padded", "packed"):
+        collator = CellCollator(CollatorConfig(pad_token_id=PAD, cls_token_id=1, max_seq_len=32,
+                                               generative_fraction=generative_fraction, layout=layout))
+        out[layout] = collator(cells, torch.Generator().manual_seed(seed))
+    assert bool(out["packed"].generative.any()) or generative_fraction == 0
+    return out
+
+
+def _loss_and_grads(backend, batch, checkpointing=False, device="cpu"):
+    torch.manual_seed(0)
+    cfg = tiny_config(dropout=0.0)
+    model = ScGPTModel(cfg, backend).to(device).train()
+    model.transformer_encoder.activation_checkpointing = checkpointing
+    gen_mask = batch.gen_mask if bool(batch.generative.any()) else None
+    out = model(batch.gene_ids, batch.values, batch.layout, gen_mask=gen_mask)
+    terms = {}
+    for objective in build_objectives(WEIGHTS, None, cfg):
+        terms.update(objective(out, batch, ObjectiveContext()))
+    loss = sum(terms.values())
+    loss.backward()
+    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("generative_fraction", [0.0, 0.5])
+def test_padded_and_packed_give_the_same_losses_and_gradients(name, generative_fraction):
+    batches = _batches(generative_fraction=generative_fraction)
+    ref_terms, ref_grads = _loss_and_grads(ReferenceAttention(), batches["padded"])
+    for layout in ("padded", "packed"):
+        terms, grads = _loss_and_grads(BACKENDS[name](), batches[layout])
+        assert terms.keys() == ref_terms.keys()
+        for key in terms:
+            torch.testing.assert_close(terms[key], ref_terms[key], atol=1e-5, rtol=1e-5, msg=f"{layout} {key}")
+        assert grads.keys() == ref_grads.keys()
+        for key in grads:
+            torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-5, rtol=1e-4, msg=f"{layout} {key}")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_activation_checkpointing_keeps_losses_and_gradients(layout):
+    batch = _batches()[layout]
+    terms, grads = _loss_and_grads(SdpaAttention(), batch)
+    ck_terms, ck_grads = _loss_and_grads(SdpaAttention(), batch, checkpointing=True)
+    for key in terms:
+        torch.testing.assert_close(ck_terms[key], terms[key])
+    for key in grads:
+        torch.testing.assert_close(ck_grads[key], grads[key])
+
+
+def test_length_groups_bound_the_padding_work():
+    lengths = [10, 10, 9, 3, 3, 1, 50]
+    assert length_groups(lengths, -1) == [[6], [0], [1], [2], [3], [4], [5]]
+    assert length_groups(lengths, 0.0) == [[6], [0, 1], [2], [3, 4], [5]]
+    for tolerance in (0.0, 0.15, 1.0):
+        for group in length_groups(lengths, tolerance):
+            longest = max(lengths[i] for i in group)
+            assert len(group) * longest ** 2 <= (1 + tolerance) * sum(lengths[i] ** 2 for i in group)
+    assert sorted(i for g in length_groups(lengths, 1e9) for i in g) == list(range(len(lengths)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["sdpa", "flash_attn"])
+def test_packed_matches_padded_on_gpu(name):
+    if name == "flash_attn" and not flash_attn_available():
+        pytest.skip("needs the flash-attn package")
+    from scgpt.model.attention import build_attention_backend
+
+    batches = {k: _to_cuda(v) for k, v in _batches().items()}
+    ref_terms, _ = _loss_and_grads(SdpaAttention(), batches["padded"], device="cuda")
+    terms, _ = _loss_and_grads(build_attention_backend(name), batches["packed"], device="cuda")
+    for key in terms:
+        torch.testing.assert_close(terms[key], ref_terms[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_adamw_step_on_gpu():
+    param = torch.nn.Parameter(torch.ones(4, device="cuda"))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    param.sum().backward()
+    optimizer.step()
+    assert torch.all(param < 1)
+
+
+def _to_cuda(batch):
+    from dataclasses import fields
+
+    values = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    values = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+    return type(batch)(**values)
