@@ -19,17 +19,53 @@ from torch import Tensor
 def _interpolate_edges(ordered: np.ndarray, last: np.ndarray, n_edges: int) -> np.ndarray:
     """numpy's linear quantiles at linspace(0, 1, n_edges) of rows sorted ascending, whose largest
     non-zero sits at index ``last`` (B, 1) -> (B, n_edges)."""
+    return _quantiles(lambda positions: np.take_along_axis(ordered, positions, 1), last, n_edges, ordered.dtype)
+
+
+def _quantiles(value_at, last: np.ndarray, n_edges: int, dtype) -> np.ndarray:
+    """Linear quantiles at linspace(0, 1, n_edges), given ``value_at(positions (B, E))``: the values at
+    those 0-based positions of each row's sorted non-zeros, of which the largest is at ``last`` (B, 1)."""
     position = np.linspace(0, 1, n_edges) * last  # (B, E)
     low = np.floor(position).astype(np.int64)
     high = np.minimum(low + 1, last)
-    frac = (position - low).astype(ordered.dtype)
-    a, b = np.take_along_axis(ordered, low, 1), np.take_along_axis(ordered, high, 1)
+    frac = (position - low).astype(dtype)
+    a, b = value_at(low), value_at(high)
     return np.where(frac > 0, a + (b - a) * frac, a)
 
 
-def _edge_counts(ordered: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _integer_edge_counts(values: np.ndarray, nonzero: np.ndarray, top: int, n_edges: int) -> np.ndarray:
+    """The packed counts of :func:`_edge_counts` for each value in place, when the values are integers
+    in [1, top]: a per-row histogram of the values replaces the sort (a counting sort), and the edge
+    counts are tabulated per integer value, then looked up. No argsort, no scatter back.
+
+    For an integer v: edge <= v iff ceil(edge) <= v, and edge < v iff floor(edge) + 1 <= v.
+    """
+    rows, width = values.shape
+    span = top + 2  # table columns: values 0 .. top + 1
+    slot = np.where(nonzero, values, 0).astype(np.int64) + (np.arange(rows) * span)[:, None]  # (B, N)
+    hist = np.bincount(slot.ravel(), minlength=rows * span).reshape(rows, span)
+    hist[:, 0] = 0  # zeros and invalid slots are not values
+    below = hist.cumsum(axis=1)  # (B, span) non-zeros <= v; at most width
+    last = np.maximum(below[:, -1:] - 1, 0)  # (B, 1) position of the largest non-zero
+    flat = (below + (np.arange(rows) * (width + 1))[:, None]).ravel()  # rows apart, ascending overall
+
+    def value_at(positions):  # the value at a sorted position: the first v with more than it at or below v
+        found = np.searchsorted(flat, positions + (np.arange(rows) * (width + 1))[:, None], side="right")
+        return (found - (np.arange(rows) * span)[:, None]).astype(np.float32)
+
+    edges = _quantiles(value_at, last, n_edges, np.float32)  # (B, E)
+    base = (np.arange(rows) * span)[:, None]
+    at_most = np.clip(np.ceil(edges), 0, span - 1).astype(np.int64) + base  # first v with edge <= v
+    above = np.clip(np.floor(edges) + 1, 0, span - 1).astype(np.int64) + base  # first v with edge < v
+    table = np.bincount(at_most.ravel(), minlength=rows * span) << 16
+    table += np.bincount(above.ravel(), minlength=rows * span)
+    table = table.reshape(rows, span).cumsum(axis=1, dtype=np.int32).ravel()
+    return table[slot]  # (B, N)
+
+
+def _edge_counts(ordered: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """For rows sorted ascending (finite) and each row's sorted ``edges`` (B, E): how many edges are
-    <= and < each value -> two (B, N) int32 arrays, in the rows' sorted order.
+    <= and < each value -> (B, N) int32 ``(le << 16) | lt``, in the rows' sorted order.
 
     The edges are located among the values with one searchsorted per side (rows kept apart by an offset
     in one flat array); an edge found at position p counts for every value from p on, so a histogram of
@@ -48,8 +84,7 @@ def _edge_counts(ordered: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np
     size = rows * (width + 1)
     hist = np.bincount((at_or_above - shift).ravel(), minlength=size) << 16
     hist += np.bincount((above - shift).ravel(), minlength=size)
-    packed = hist.reshape(rows, width + 1)[:, :width].cumsum(axis=1, dtype=np.int32)
-    return packed >> 16, packed & 0xFFFF
+    return hist.reshape(rows, width + 1)[:, :width].cumsum(axis=1, dtype=np.int32)
 
 
 def bin_rows(x: np.ndarray, valid: np.ndarray, n_bins: int, uniform: np.ndarray) -> np.ndarray:
@@ -58,18 +93,28 @@ def bin_rows(x: np.ndarray, valid: np.ndarray, n_bins: int, uniform: np.ndarray)
     One argsort per row gives both the quantile edges and, by locating the (few) edges among the sorted
     values, how many edges lie at or below each value: no per-value search over the edges.
     """
+    if x.shape[1] == 0:  # no cell of the batch expresses any gene
+        return np.zeros(x.shape, dtype=np.float32)
     nonzero = valid & (x > 0)  # (B, N)
-    sentinel = np.float32(x.max(initial=0) + 1)  # sorts after every non-zero value
+    top = float(x.max(initial=0))
+    if top < 4 * x.shape[1] + 64 and np.array_equal(x, np.trunc(x)):  # integer counts: no sort needed
+        packed = _integer_edge_counts(x, nonzero, int(top), n_bins - 1)
+        return _bins_from_counts(packed, nonzero, uniform, n_bins)
+    sentinel = np.float32(top + 1)  # sorts after every non-zero value
     keyed = np.where(nonzero, x, sentinel)
     order = np.argsort(keyed, axis=1)  # (B, N)
-    ordered = np.take_along_axis(keyed, order, 1)
+    ordered = np.sort(keyed, axis=1)  # = keyed in that order, faster than gathering it
     last = np.maximum(np.count_nonzero(nonzero, axis=1, keepdims=True) - 1, 0)  # (B, 1)
     edges = _interpolate_edges(ordered, last, n_bins - 1)  # (B, n_bins - 1)
-    upper_sorted, lower_sorted = _edge_counts(ordered, edges)  # edges <= value, edges < value
-    spread = np.empty_like(upper_sorted)  # (B, N) back in the cells' own order
-    np.put_along_axis(spread, order, upper_sorted - lower_sorted, 1)
-    lower = np.empty_like(lower_sorted)
-    np.put_along_axis(lower, order, lower_sorted, 1)
+    packed = np.empty(x.shape, dtype=np.int32)  # back in the cells' own order: one scatter for both counts
+    np.put_along_axis(packed, order, _edge_counts(ordered, edges), 1)
+    return _bins_from_counts(packed, nonzero, uniform, n_bins)
+
+
+def _bins_from_counts(packed: np.ndarray, nonzero: np.ndarray, uniform: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bins from each value's packed ``(edges <= value) << 16 | (edges < value)`` counts (B, N)."""
+    lower = packed & 0xFFFF  # edges < value
+    spread = (packed >> 16) - lower  # edges == value
     # float64 as the original (float32 uniform x int64 counts): exact, so ceil agrees with it bit for bit
     bins = np.ceil(uniform * spread.astype(np.float64)) + lower
     return np.where(nonzero, np.clip(bins, 1, n_bins - 1), 0).astype(np.float32)
