@@ -110,6 +110,22 @@ class CellDataModule(L.LightningDataModule):
             names[key], maps[key] = list(union), per_store
         return names, maps
 
+    def use_vocab(self, vocab: GeneVocab) -> None:
+        """Tokenize with ``vocab`` (a pretrained model's, for ``init_from=``) instead of the data's own; genes
+        it lacks are dropped. Call before ``setup``."""
+        if self._streams:
+            raise RuntimeError("use_vocab must be called before setup()")
+        self._load()
+        self._vocab = vocab
+
+    def label_counts(self, label_key: str, split: str = "train") -> np.ndarray:
+        """Cells per dataset-wide class of ``label_key`` among the ``split`` rows (missing labels not counted)."""
+        counts = np.zeros(self.n_classes(label_key), dtype=np.int64)
+        for store, codes_map, (start, stop) in zip(self.sources, self.label_maps[label_key], self.row_ranges()[split]):
+            codes = store.read_obs(label_key, start, stop)
+            counts += np.bincount(codes_map[codes[codes >= 0]], minlength=counts.size)
+        return counts
+
     def n_classes(self, label_key: str) -> int:
         self._load()
         return len(self.label_names[label_key])

@@ -8,6 +8,7 @@ from scgpt.config import ModelConfig
 from scgpt.errors import ConfigError
 from scgpt.objectives.base import Objective, ObjectiveContext
 from scgpt.objectives.cell import AdversarialBatch, ContrastiveCellEmbedding, ElasticCellSimilarity
+from scgpt.objectives.classification import CellClassification
 from scgpt.objectives.expression import (
     GenerativeExpressionPrediction,
     MaskedExpressionPrediction,
@@ -18,7 +19,7 @@ from scgpt.objectives.expression import (
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls
     for cls in (MaskedExpressionPrediction, GenerativeExpressionPrediction, MaskedValueFromCell, ZeroProbability,
-                ElasticCellSimilarity, ContrastiveCellEmbedding, AdversarialBatch)
+                ElasticCellSimilarity, ContrastiveCellEmbedding, AdversarialBatch, CellClassification)
 }
 
 

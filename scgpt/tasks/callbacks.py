@@ -1,24 +1,36 @@
-"""Training callbacks: throughput in cells and non-pad tokens per second; the final checkpoint."""
+"""Training callbacks: throughput in cells and non-pad tokens per second; the final checkpoint; atomic
+checkpoint files (written to a hidden temporary name, then renamed)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 class ThroughputMonitor(L.Callback):
     """Times each training step (forward, backward, optimizer) and counts its cells and real tokens.
 
     Logs ``throughput/cells_per_s`` and ``throughput/tokens_per_s`` for the whole job (this rank's rate
-    times the world size: ranks get equal batches) and keeps run totals for the summary.
+    times the world size: ranks get equal batches) and keeps run totals for the summary. Also logs
+    ``throughput/tflops_per_device`` (model FLOPs of the step from its real tokens, :mod:`scgpt.flops`)
+    and, when the device's peak is known, ``throughput/mfu``: the peak comes from ``peak_tflops`` here,
+    else the task's ``peak_tflops`` (config ``task.module.peak_tflops``), else the bf16 table in
+    :mod:`scgpt.flops` for a CUDA device under bf16 precision.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peak_tflops: float | None = None) -> None:
         self.seconds = 0.0
         self.cells = 0
         self.tokens = 0
+        self.flops = 0.0  # model FLOPs of this rank's steps
+        self.peak_tflops = peak_tflops
+        self._peak: float | None = None
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -30,8 +42,43 @@ class ThroughputMonitor(L.Callback):
         self.seconds += elapsed
         self.cells += batch.n_cells * world
         self.tokens += batch.n_tokens * world
-        pl_module.log_dict({"throughput/cells_per_s": batch.n_cells * world / elapsed,
-                            "throughput/tokens_per_s": batch.n_tokens * world / elapsed}, on_step=True, on_epoch=False)
+        flops = self._step_flops(pl_module, batch)
+        self.flops += flops
+        logged = {"throughput/cells_per_s": batch.n_cells * world / elapsed,
+                  "throughput/tokens_per_s": batch.n_tokens * world / elapsed,
+                  "throughput/tflops_per_device": flops / elapsed / 1e12}
+        peak = self._device_peak(trainer, pl_module)
+        if peak:
+            logged["throughput/mfu"] = flops / elapsed / (peak * 1e12)
+        pl_module.log_dict(logged, on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _step_flops(pl_module, batch) -> float:
+        model_cfg = getattr(getattr(pl_module, "model", None), "cfg", None)
+        if model_cfg is None:
+            return 0.0
+        from scgpt.flops import count_flops
+
+        return count_flops(model_cfg, batch.layout.lengths).training_step
+
+    def _device_peak(self, trainer, pl_module) -> float | None:
+        if self._peak is None:
+            from scgpt.flops import peak_tflops
+
+            peak = self.peak_tflops or getattr(pl_module, "peak_tflops", None)
+            if not peak and pl_module.device.type == "cuda":
+                peak = peak_tflops(torch.cuda.get_device_name(pl_module.device), str(trainer.precision))
+            self._peak = float(peak or 0.0)
+        return self._peak or None
+
+    @property
+    def tflops_per_s(self) -> float:
+        """Achieved model TFLOP/s per device over the run."""
+        return self.flops / self.seconds / 1e12 if self.seconds else 0.0
+
+    @property
+    def mfu(self) -> float | None:
+        return self.tflops_per_s / self._peak if self._peak else None
 
     @property
     def cells_per_s(self) -> float:
@@ -42,18 +89,51 @@ class ThroughputMonitor(L.Callback):
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-class FinalCheckpoint(L.Callback):
-    """Saves ``last.ckpt`` at the end of the last training step, inside the loop like any periodic
-    checkpoint, so that resuming from it continues mid-epoch exactly (a save after ``fit`` returns
-    would be restored as the end of an epoch)."""
+class LastCheckpoint(L.Callback):
+    """Writes ``last.ckpt`` every ``every_n_train_steps`` optimizer steps and at the last step, inside the
+    loop like any periodic checkpoint, so that resuming from it continues mid-epoch exactly (a save after
+    ``fit`` returns would be restored as the end of an epoch). The only writer of ``last.ckpt``."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, every_n_train_steps: int) -> None:
+        self.path, self.every = Path(path), max(1, int(every_n_train_steps))
+        self._saved_step = -1
+
+    def _finished(self, trainer) -> bool:
+        return trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        step = trainer.global_step
+        if step != self._saved_step and (step % self.every == 0 or self._finished(trainer)):
             trainer.save_checkpoint(self.path, weights_only=False)
+            self._saved_step = step
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps):  # ended by epochs
+        if trainer.global_step != self._saved_step:  # ended by max_epochs
             trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint file to ``.NAME.tmp-PID`` beside it, flushes it to disk, then renames it over
+    ``NAME``: a kill -9 mid-write leaves the previous complete file in place (and a hidden temporary that
+    resume ignores), never a truncated newest checkpoint. Remote paths (``s3://``) use Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a crash
+        finally:
+            os.close(directory)

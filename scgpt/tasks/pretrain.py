@@ -23,9 +23,18 @@ class PretrainTask(L.LightningModule):
     def __init__(self, model: dict[str, Any], objectives: dict[str, float],
                  objective_options: dict[str, dict[str, Any]] | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: Callable[..., Any] | None = None, seed: int = 0) -> None:
+                 scheduler: Callable[..., Any] | None = None, seed: int = 0, compile: bool = False,
+                 activation_checkpointing: bool = False, fused_adamw: bool = False,
+                 peak_tflops: float | None = None) -> None:
+        """``compile``: ``torch.compile`` the encoder layers' per-token blocks (parameter names unchanged);
+        ``activation_checkpointing``: recompute each encoder layer in backward (less memory, ~1 more
+        forward); ``fused_adamw``: the optimizer's fused kernel (``fused=True``: CUDA, and CPU on torch
+        >= 2.4); ``peak_tflops``: the device's peak for MFU logging, overriding the table in
+        :mod:`scgpt.flops`. All off / None by default (see conf/task/pretrain.yaml)."""
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.compile_model, self.activation_checkpointing = compile, activation_checkpointing
+        self.fused_adamw, self.peak_tflops = fused_adamw, peak_tflops
         self.model_cfg = ModelConfig(**model)
         self.objectives = build_objectives(objectives, objective_options, self.model_cfg)
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
@@ -43,6 +52,9 @@ class PretrainTask(L.LightningModule):
         """Built here, not in __init__, so that DeepSpeed ZeRO-3 can shard parameters as they are made."""
         if self.model is None:
             self.model = ScGPTModel(self.model_cfg)
+            self.model.transformer_encoder.activation_checkpointing = self.activation_checkpointing
+            if self.compile_model:  # per-token blocks only; state-dict keys stay as export expects
+                self.model.transformer_encoder.compile_token_ops()
 
     # ---- forward and losses -----------------------------------------------------------------
     def forward(self, batch: CellBatch) -> ScGPTOutput:
@@ -101,9 +113,11 @@ class PretrainTask(L.LightningModule):
 
     # ---- optimisation and state ---------------------------------------------------------------
     def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]  # biases and norms
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        ndim = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731 - ZeRO-3 shards are flat; ds_shape is the real one
+        decay = [p for p in self.model.parameters() if ndim(p) >= 2]
+        no_decay = [p for p in self.model.parameters() if ndim(p) < 2]  # biases and norms
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory(groups, fused=True) if self.fused_adamw else self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
