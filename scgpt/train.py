@@ -23,7 +23,11 @@ from scgpt.errors import CheckpointError, ConfigError, ScgptError
 from scgpt.io import write_json_atomic, write_text_atomic
 from scgpt.model.attention import build_attention_backend
 from scgpt.paths import config_dir
-from scgpt.tasks.callbacks import FinalCheckpoint, ThroughputMonitor
+from scgpt.distributed import build_strategy, check_resume, trainer_plugins
+from scgpt.preemption import PreemptionHandler, Preempted, newest_complete_checkpoint
+from scgpt.tasks.init import apply_init_from, prepare_init_from, task_model_settings
+from scgpt.tasks.callbacks import AtomicCheckpointIO, LastCheckpoint, ThroughputMonitor
+from scgpt.tracking import finish_run, scrub_secrets, tracking_callbacks
 
 log = logging.getLogger("scgpt")
 
@@ -48,9 +52,10 @@ def gradient_accumulation(cfg: DictConfig) -> int:
     return global_batch // (per_device * world)
 
 
-def model_settings(cfg: DictConfig, datamodule) -> dict[str, Any]:
+def model_settings(cfg: DictConfig, datamodule, init=None) -> dict[str, Any]:
     """The model config with the vocabulary (and label counts) of the data filled in, validated."""
     settings = OmegaConf.to_container(cfg.model, resolve=True)
+    settings = task_model_settings(cfg, datamodule, settings, init)  # init_from architecture, task heads
     vocab = datamodule.vocab
     settings.update(vocab_size=vocab.size, pad_token_id=vocab.pad_id)
     if settings.get("n_batch_labels") == "auto":
@@ -73,7 +78,7 @@ def export_metadata(cfg: DictConfig, datamodule) -> dict[str, Any]:
 
 
 def _strategy(cfg: DictConfig):
-    return instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.get("name", "auto")
+    return build_strategy(cfg)  # scgpt.distributed: options checked, DeepSpeed also on CPU
 
 
 def _logger(cfg: DictConfig):
@@ -101,29 +106,53 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns (and writes) the run summary."""
     run_dir = Path(cfg.run_dir)
     resume = _check_resume(cfg.get("ckpt_path"))
+    if resume is None and cfg.get("auto_resume", True):  # a requeued job: continue where it stopped
+        resume = newest_complete_checkpoint(run_dir)
+        if resume is not None:
+            resume = str(resume)
+            log.info("auto-resume: continuing from %s, the newest complete checkpoint in %s", resume, run_dir)
     accumulate = gradient_accumulation(cfg)
+    strategy = _strategy(cfg)
+    if resume is not None:
+        check_resume(resume, cfg)  # ZeRO shards vs strategy and world size, before any work
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    model = model_settings(cfg, datamodule)
+    init = prepare_init_from(cfg, datamodule)  # init_from=: its vocabulary for the data, its weights read
+    model = model_settings(cfg, datamodule, init)
     task = build_task(cfg, model)
+    apply_init_from(cfg, task, init)  # strict load except the heads the task replaces; task.freeze
     task.export_metadata = export_metadata(cfg, datamodule)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
-                                  save_top_k=-1 if cfg.checkpoint.get("keep_all") else 0,
-                                  filename="step-{step:07d}", auto_insert_metric_name=False,
-                                  every_n_train_steps=int(cfg.checkpoint.every_n_train_steps))
+    every = int(cfg.checkpoint.every_n_train_steps)
     throughput = ThroughputMonitor()
     last = run_dir / "checkpoints" / "last.ckpt"
-    callbacks = [DataProgress(), checkpoints, throughput, FinalCheckpoint(last)]
+    callbacks = [DataProgress(), throughput, LastCheckpoint(last, every)]
+    if cfg.checkpoint.get("keep_all"):  # also keep every periodic checkpoint as step-<N>.ckpt
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=-1, every_n_train_steps=every,
+                                         filename="step-{step:07d}", auto_insert_metric_name=False))
     logger = _logger(cfg)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=logger, callbacks=callbacks,
-                          accumulate_grad_batches=accumulate, default_root_dir=str(run_dir))
+    callbacks += tracking_callbacks(cfg, logger)  # loss history, gradient norm, rich progress bar
+    callbacks.append(PreemptionHandler(last))  # last: saves after every other callback updated its state
+    trainer = instantiate(cfg.trainer, strategy=strategy, logger=logger, callbacks=callbacks,
+                          accumulate_grad_batches=accumulate, default_root_dir=str(run_dir),
+                          enable_checkpointing=bool(cfg.checkpoint.get("keep_all")),  # last.ckpt: LastCheckpoint
+                          plugins=[AtomicCheckpointIO(), *trainer_plugins()])
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        resolved = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))  # no API key in any saved file
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        if logger:
+            logger.log_hyperparams(resolved)
     started = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=resume, weights_only=True)  # no pickled code
+    preempted = None
+    try:
+        if cfg.task.get("fit", True):
+            trainer.fit(task, datamodule=datamodule, ckpt_path=resume, weights_only=True)  # no pickled code
+        else:  # zero-shot tasks (task=embed): evaluate the given weights on the validation cells
+            trainer.validate(task, datamodule=datamodule)
+    except Preempted as stop:  # checkpoint saved (and SLURM job requeued): report and end
+        preempted = stop
     summary = {
         "task": cfg.task.name,
         "global_step": int(trainer.global_step),
@@ -136,24 +165,44 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "attention_backend": task.model.attention_backend,
         "checkpoint": str(last),
         "resumed_from": resume,
+        "preempted": None if preempted is None else str(preempted),
+        "requeued": bool(preempted and preempted.requeued),
         "world_size": trainer.world_size,
         "wall_seconds": time.perf_counter() - started,
         "run_dir": str(run_dir),
     }
     if trainer.is_global_zero:
+        summary["plots"] = [str(p) for p in finish_run(logger, callbacks, summary, run_dir)]
         write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
 
+def optimized_metric(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
+    """The value a sweeper optimises: ``optimized_metric`` (val/<name> or a top-level summary key)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    value = summary.get("val", {}).get(name.removeprefix("val/")) if name.startswith("val/") else summary.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        choices = [f"val/{k}" for k in summary.get("val", {})] + ["train_loss_last", "cells_per_s", "tokens_per_s"]
+        raise ConfigError(f"optimized_metric={name}: not a number in the run summary; use one of {', '.join(choices)}")
+    return float(value)
+
+
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
+        if summary.get("preempted"):  # saved; the requeued job resumes it (exit 143 = stopped by a signal)
+            print(f"preempted: {summary['preempted']}", file=sys.stderr)
+            sys.exit(0 if summary["requeued"] else 143)
+        metric = optimized_metric(cfg, summary)
     except ScgptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         print(summary["run_dir"])
+    return metric  # for sweepers (hparams_search=optuna)
 
 
 def main() -> None:
