@@ -1,0 +1,172 @@
+"""The VAE baseline as a task (``scgpt-train model=vae``, which selects ``task=vae``): trained through the same
+data module and trainer as scGPT, validated with the same embedding metrics as integration and annotation
+(kNN cell-type accuracy, cell-type and batch ASW, batch mixing, NMI/ARI, and the PCA baseline), so its
+numbers are the reference row of those tables.
+
+Input: each cell's true binned values (``target_values``) scattered into a dense vector over the vocabulary
+(the dataset's genes; special tokens stay 0), divided by ``n_bins - 1``. Set ``model.max_seq_len`` at least
+as high as the most genes a cell expresses, or sampled-out genes read as 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from data_modules.collate import CellBatch
+from scgpt.errors import ConfigError
+from scgpt.metrics import logistic_regression_accuracy, plot_embedding
+from scgpt.model.vae import VAE, VAEOutput, dense_expression, kl_divergence, reconstruction_loss
+from scgpt.seeding import derive_seed
+from scgpt.tasks.finetune import embedding_report
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("recon", "kl")
+
+
+class VAETask(L.LightningModule):
+    """Loss ``recon * reconstruction + kl * KL`` (``task.objectives``; ``kl`` is beta). Validation metrics as
+    :class:`~scgpt.tasks.integration.IntegrationTask` (model and ``pca/``), plus ``logreg_accuracy`` of the
+    embedding (the annotation linear probe) and ``val/recon``, ``val/kl``."""
+
+    def __init__(self, model: dict[str, Any], objectives: dict[str, float],
+                 objective_options: dict[str, dict[str, Any]] | None = None,
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: Callable[..., Any] | None = None, seed: int = 0,
+                 label_key: str | None = "cell_type", batch_key: str | None = "batch", plots: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        unknown = sorted(set(objectives) - set(OBJECTIVES))
+        if unknown:
+            raise ConfigError(f"task.objectives.{unknown[0]}: not a VAE loss term; use {', '.join(OBJECTIVES)}")
+        self.objectives = {k: float(objectives.get(k, 1.0)) for k in OBJECTIVES}
+        self.model_settings = dict(model)
+        self.model = VAE.from_settings(model)
+        self.scale = float(max(int(model.get("n_bins", 51)) - 1, 1))
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
+        self.scheduler_factory = scheduler
+        self.seed, self.label_key, self.batch_key, self.plots = seed, label_key, batch_key, plots
+        self.label_names: dict[str, list[str]] = {}
+        self._collected: dict[str, list] = defaultdict(list)
+        self.last_eval: dict[str, Any] = {}
+        self.cells_seen = 0
+        self.first_loss: Tensor | None = None
+        self.last_loss: Tensor | None = None
+        self.export_metadata: dict[str, Any] = {}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            self.label_names = {k: list(v) for k, v in getattr(datamodule, "label_names", {}).items()}
+
+    # ---- forward and losses -----------------------------------------------------------------
+    def expression(self, batch: CellBatch) -> Tensor:
+        return dense_expression(batch.gene_ids, batch.target_values, self.model.n_genes, batch.padding_mask,
+                                batch.cu_seqlens, self.scale)
+
+    def losses(self, batch: CellBatch) -> tuple[Tensor, dict[str, Tensor], VAEOutput, Tensor]:
+        x = self.expression(batch)
+        out = self.model(x)
+        terms = {"recon": reconstruction_loss(out.x_hat, x, self.model.x_logvar.clamp(-10.0, 10.0)), "kl": kl_divergence(out.z_mu, out.z_logvar)}
+        total = sum(self.objectives[k] * v for k, v in terms.items())
+        return total, terms, out, x
+
+    # ---- steps ------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
+        torch.manual_seed(derive_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
+
+    def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
+        loss, terms, _, _ = self.losses(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.n_cells)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch.n_cells)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch.n_cells)
+        self.cells_seen += batch.n_cells * self.trainer.world_size
+        self.first_loss = loss.detach() if self.first_loss is None else self.first_loss
+        self.last_loss = loss.detach()
+        return loss
+
+    def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
+        loss, terms, out, x = self.losses(batch)
+        self.log("val/loss", loss, sync_dist=True, batch_size=batch.n_cells)
+        self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=batch.n_cells)
+        c = self._collected
+        c["emb"].append(out.z_mu.detach().float().cpu().numpy())  # z_mu as is (not L2-normalised)
+        for key, codes in batch.labels.items():
+            c[f"label/{key}"].append(codes.cpu().numpy())
+        c["expression"].append(sp.csr_matrix(x.detach().cpu().numpy()))
+
+    def on_validation_epoch_end(self) -> None:
+        arrays = {k: (sp.vstack(v).tocsr() if k == "expression" else np.concatenate(v))
+                  for k, v in self._collected.items() if v}
+        self._collected = defaultdict(list)
+        if not arrays:
+            return
+        self.last_eval = arrays
+        for name, value in self.evaluate(arrays).items():
+            if value is not None and np.isfinite(value):
+                self.log(f"val/{name}", float(value))
+
+    def evaluate(self, arrays: dict[str, Any]) -> dict[str, float]:
+        cell_types = arrays.get(f"label/{self.label_key}") if self.label_key else None
+        batches = arrays.get(f"label/{self.batch_key}") if self.batch_key else None
+        out = embedding_report(arrays["emb"], arrays.get("expression"), cell_types, batches, self.seed)
+        if "pca/celltype_asw" in out:
+            out["celltype_asw_kept"] = out["celltype_asw"] / max(out["pca/celltype_asw"], 1e-9)
+            out["batch_mixing_gain"] = out["batch_mixing"] - out["pca/batch_mixing"]
+        if cell_types is not None:
+            out["logreg_accuracy"] = logistic_regression_accuracy(arrays["emb"], cell_types, seed=self.seed)
+        return out
+
+    # ---- plots ------------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        self._write_plots()
+
+    def on_validation_end(self) -> None:
+        if not self.trainer.training and self.trainer.state.fn == "validate":
+            self._write_plots()
+
+    def _write_plots(self) -> None:
+        if not self.plots or not self.last_eval or not self.trainer.is_global_zero:
+            return
+        colourings = {}
+        for key in (self.batch_key, self.label_key):
+            codes = self.last_eval.get(f"label/{key}") if key else None
+            if codes is not None:
+                colourings[key] = (codes, self.label_names.get(key) or [str(i) for i in range(codes.max() + 1)])
+        if not colourings:
+            return
+        try:
+            path = plot_embedding(self.last_eval["emb"], colourings,
+                                  Path(self.trainer.default_root_dir) / "plots" / "embedding.png", self.seed)
+        except Exception as exc:  # a plot must never fail a run
+            log.warning("plots skipped: %s", exc)
+            return
+        if path is not None:
+            log.info("wrote %s", path)
+
+    # ---- optimisation and state ---------------------------------------------------------------
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["scgpt"] = {"cells_seen": self.cells_seen, "attention_backend": self.model.attention_backend,
+                               "model_kind": "vae", **self.export_metadata, "labels": self.label_names}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.cells_seen = int(checkpoint.get("scgpt", {}).get("cells_seen", 0))
