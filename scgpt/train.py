@@ -13,6 +13,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -55,6 +56,8 @@ def gradient_accumulation(cfg: DictConfig) -> int:
 def model_settings(cfg: DictConfig, datamodule, init=None) -> dict[str, Any]:
     """The model config with the vocabulary (and label counts) of the data filled in, validated."""
     settings = OmegaConf.to_container(cfg.model, resolve=True)
+    if settings.get("kind") == "vae" or cfg.task.name == "vae":  # the VAE baseline: no ScGPTModel config
+        return _vae_settings(cfg, datamodule, settings, init)
     settings = task_model_settings(cfg, datamodule, settings, init)  # init_from architecture, task heads
     vocab = datamodule.vocab
     settings.update(vocab_size=vocab.size, pad_token_id=vocab.pad_id)
@@ -62,6 +65,17 @@ def model_settings(cfg: DictConfig, datamodule, init=None) -> dict[str, Any]:
         settings["n_batch_labels"] = datamodule.n_classes("batch")
     ModelConfig.from_mapping(settings)  # raises ConfigError naming the key
     build_attention_backend(settings.get("attention_backend", "sdpa"))  # flash_attn without CUDA fails here
+    return settings
+
+
+def _vae_settings(cfg: DictConfig, datamodule, settings: dict[str, Any], init=None) -> dict[str, Any]:
+    """model=vae with task=vae (conf/model/vae.yaml selects it): input size = the data's vocabulary."""
+    if settings.get("kind") != "vae" or cfg.task.name != "vae":
+        raise ConfigError(f"model={'vae' if settings.get('kind') == 'vae' else '<scGPT>'} with task={cfg.task.name}: "
+                          "the VAE baseline runs as model=vae task=vae (model=vae alone selects both)")
+    if init is not None:
+        raise ConfigError("init_from: the VAE baseline trains from scratch; drop init_from with model=vae")
+    settings.update(vocab_size=datamodule.vocab.size, pad_token_id=datamodule.vocab.pad_id)
     return settings
 
 
@@ -93,9 +107,23 @@ def _check_resume(ckpt_path: str | None) -> str | None:
     return str(ckpt_path)
 
 
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our own errors through: Hydra wraps exceptions raised in a
+    constructor in an InstantiationException, which would turn a one-line ConfigError into a traceback."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, ScgptError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def build_task(cfg: DictConfig, model: dict[str, Any]) -> L.LightningModule:
     task = cfg.task
-    return instantiate(task.module, model=model,
+    return build(task.module, model=model,
                        objectives=OmegaConf.to_container(task.objectives, resolve=True),
                        objective_options=OmegaConf.to_container(task.get("objective_options", {}), resolve=True),
                        optimizer=instantiate(task.optimizer), scheduler=instantiate(task.get("scheduler")),
@@ -116,7 +144,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume is not None:
         check_resume(resume, cfg)  # ZeRO shards vs strategy and world size, before any work
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     init = prepare_init_from(cfg, datamodule)  # init_from=: its vocabulary for the data, its weights read
     model = model_settings(cfg, datamodule, init)
     task = build_task(cfg, model)

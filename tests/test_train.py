@@ -84,6 +84,17 @@ def test_cli_config_error_is_one_line_and_exit_code_2(tmp_path):
         "error: model.d_model: d_model 30 is not divisible by n_heads 4; pick a multiple"]
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.val_fraction=2", "error: data.val_fraction: 2 must be between 0 and 1"),
+    ("+task.objectives.mlm=1", "error: task.objectives.mlm: unknown objective"),
+])
+def test_errors_raised_in_constructors_are_one_line_too(tmp_path, override, message):
+    result = _cli([*FAST, override], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message)
+
+
 def test_cli_unknown_group_option_lists_the_available_ones(tmp_path):
     result = _cli(["model=huge"], cwd=tmp_path)
     assert result.returncode != 0
