@@ -14,7 +14,6 @@ from typing import Any, Callable
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch import Tensor
 
 from data_modules.collate import CellBatch
 from scgpt.model.scgpt import ScGPTOutput
@@ -69,16 +68,7 @@ class FinetuneTask(PretrainTask):
             c["expression"].append(binned_expression(batch, self.model_cfg.vocab_size))
 
     def on_validation_epoch_end(self) -> None:
-        arrays = {k: (sp.vstack(v).tocsr() if k == "expression" else np.concatenate(v))
-                  for k, v in self._collected.items() if v}
-        self._collected = defaultdict(list)
-        if not arrays:
-            return
-        metrics = self.evaluate(arrays)
-        self.last_eval = arrays
-        for name, value in metrics.items():
-            if value is not None and np.isfinite(value):
-                self.log(f"val/{name}", float(value))
+        log_collected_metrics(self)
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         raise NotImplementedError
@@ -115,6 +105,21 @@ class FinetuneTask(PretrainTask):
         checkpoint["scgpt"]["labels"] = self.label_names  # class names, for predicting labels later
 
 
+def log_collected_metrics(task) -> None:
+    """End of a validation epoch for tasks that collect per-cell arrays in ``task._collected``: stack them,
+    keep them as ``task.last_eval`` (for plots), and log the finite values of ``task.evaluate(arrays)``."""
+    arrays = {k: (sp.vstack(v).tocsr() if k == "expression" else np.concatenate(v))
+              for k, v in task._collected.items() if v}
+    task._collected = defaultdict(list)
+    if not arrays:
+        return
+    metrics = task.evaluate(arrays)
+    task.last_eval = arrays
+    for name, value in metrics.items():
+        if value is not None and np.isfinite(value):
+            task.log(f"val/{name}", float(value))
+
+
 def binned_expression(batch: CellBatch, n_genes: int) -> sp.csr_matrix:
     """(B, vocab) sparse matrix of the batch's true binned values (the tokens the model saw, unmasked)."""
     if batch.padding_mask is not None:
@@ -133,7 +138,7 @@ def binned_expression(batch: CellBatch, n_genes: int) -> sp.csr_matrix:
 def embedding_report(emb: np.ndarray, expression, cell_types: np.ndarray | None, batches: np.ndarray | None,
                      seed: int = 0) -> dict[str, float]:
     """Integration metrics of the model embedding, and of the PCA of the expression as the baseline."""
-    from scgpt.metrics import integration_metrics, knn_accuracy, pca_embedding
+    from scgpt.metrics import integration_metrics, pca_embedding
 
     if cell_types is None:
         return {}

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable
 
-import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics import MeanSquaredError, PearsonCorrCoef
@@ -14,10 +12,10 @@ from data_modules.collate import CellBatch
 from scgpt.config import ModelConfig
 from scgpt.model.scgpt import ScGPTModel, ScGPTOutput
 from scgpt.objectives import ObjectiveContext, build_objectives
-from scgpt.seeding import derive_seed
+from scgpt.tasks.base import TrainingTask
 
 
-class PretrainTask(L.LightningModule):
+class PretrainTask(TrainingTask):
     """Masked and generative expression pretraining with any weighted mix of objectives."""
 
     def __init__(self, model: dict[str, Any], objectives: dict[str, float],
@@ -37,16 +35,10 @@ class PretrainTask(L.LightningModule):
         self.fused_adamw, self.peak_tflops = fused_adamw, peak_tflops
         self.model_cfg = ModelConfig(**model)
         self.objectives = build_objectives(objectives, objective_options, self.model_cfg)
-        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
-        self.scheduler_factory = scheduler
+        self.init_training(optimizer, scheduler, seed, default_lr=1e-4)
         self.model: ScGPTModel | None = None
-        self.seed = seed
         self.val_mse = MeanSquaredError()
         self.val_pearson = PearsonCorrCoef()
-        self.cells_seen = 0
-        self.first_loss: Tensor | None = None
-        self.last_loss: Tensor | None = None
-        self.export_metadata: dict[str, Any] = {}  # vocabulary and tokenizer settings, set by train()
 
     def configure_model(self) -> None:
         """Built here, not in __init__, so that DeepSpeed ZeRO-3 can shard parameters as they are made."""
@@ -81,21 +73,6 @@ class PretrainTask(L.LightningModule):
         return total, terms, out
 
     # ---- steps ------------------------------------------------------------------------------
-    def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
-        """Dropout noise is a function of (seed, epoch, batch, rank), so a resumed run draws what an
-        uninterrupted one would have drawn."""
-        torch.manual_seed(derive_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
-
-    def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
-        loss, terms, _ = self.losses(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.n_cells)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch.n_cells)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch.n_cells)
-        self.cells_seen += batch.n_cells * self.trainer.world_size
-        self.first_loss = loss.detach() if self.first_loss is None else self.first_loss
-        self.last_loss = loss.detach()
-        return loss
-
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
         loss, terms, out = self.losses(batch)
         hidden = batch.hidden_mask
@@ -111,21 +88,7 @@ class PretrainTask(L.LightningModule):
         self.val_mse.reset()
         self.val_pearson.reset()
 
-    # ---- optimisation and state ---------------------------------------------------------------
-    def configure_optimizers(self):
-        ndim = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731 - ZeRO-3 shards are flat; ds_shape is the real one
-        decay = [p for p in self.model.parameters() if ndim(p) >= 2]
-        no_decay = [p for p in self.model.parameters() if ndim(p) < 2]  # biases and norms
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = self.optimizer_factory(groups, fused=True) if self.fused_adamw else self.optimizer_factory(groups)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
+    # ---- checkpoint state -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["scgpt"] = {"cells_seen": self.cells_seen, "attention_backend": self.model.attention_backend,
                                **self.export_metadata}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.cells_seen = int(checkpoint.get("scgpt", {}).get("cells_seen", 0))

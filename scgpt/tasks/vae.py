@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import lightning as L
-import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
@@ -26,15 +23,15 @@ from data_modules.collate import CellBatch
 from scgpt.errors import ConfigError
 from scgpt.metrics import logistic_regression_accuracy, plot_embedding
 from scgpt.model.vae import VAE, VAEOutput, dense_expression, kl_divergence, reconstruction_loss
-from scgpt.seeding import derive_seed
-from scgpt.tasks.finetune import embedding_report
+from scgpt.tasks.base import TrainingTask
+from scgpt.tasks.finetune import embedding_report, log_collected_metrics
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("recon", "kl")
 
 
-class VAETask(L.LightningModule):
+class VAETask(TrainingTask):
     """Loss ``recon * reconstruction + kl * KL`` (``task.objectives``; ``kl`` is beta). Validation metrics as
     :class:`~scgpt.tasks.integration.IntegrationTask` (model and ``pca/``), plus ``logreg_accuracy`` of the
     embedding (the annotation linear probe) and ``val/recon``, ``val/kl``."""
@@ -53,16 +50,11 @@ class VAETask(L.LightningModule):
         self.model_settings = dict(model)
         self.model = VAE.from_settings(model)
         self.scale = float(max(int(model.get("n_bins", 51)) - 1, 1))
-        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
-        self.scheduler_factory = scheduler
-        self.seed, self.label_key, self.batch_key, self.plots = seed, label_key, batch_key, plots
+        self.init_training(optimizer, scheduler, seed, default_lr=1e-3)
+        self.label_key, self.batch_key, self.plots = label_key, batch_key, plots
         self.label_names: dict[str, list[str]] = {}
         self._collected: dict[str, list] = defaultdict(list)
         self.last_eval: dict[str, Any] = {}
-        self.cells_seen = 0
-        self.first_loss: Tensor | None = None
-        self.last_loss: Tensor | None = None
-        self.export_metadata: dict[str, Any] = {}
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -82,19 +74,6 @@ class VAETask(L.LightningModule):
         return total, terms, out, x
 
     # ---- steps ------------------------------------------------------------------------------
-    def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
-        torch.manual_seed(derive_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
-
-    def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
-        loss, terms, _, _ = self.losses(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.n_cells)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch.n_cells)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch.n_cells)
-        self.cells_seen += batch.n_cells * self.trainer.world_size
-        self.first_loss = loss.detach() if self.first_loss is None else self.first_loss
-        self.last_loss = loss.detach()
-        return loss
-
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
         loss, terms, out, x = self.losses(batch)
         self.log("val/loss", loss, sync_dist=True, batch_size=batch.n_cells)
@@ -106,15 +85,7 @@ class VAETask(L.LightningModule):
         c["expression"].append(sp.csr_matrix(x.detach().cpu().numpy()))
 
     def on_validation_epoch_end(self) -> None:
-        arrays = {k: (sp.vstack(v).tocsr() if k == "expression" else np.concatenate(v))
-                  for k, v in self._collected.items() if v}
-        self._collected = defaultdict(list)
-        if not arrays:
-            return
-        self.last_eval = arrays
-        for name, value in self.evaluate(arrays).items():
-            if value is not None and np.isfinite(value):
-                self.log(f"val/{name}", float(value))
+        log_collected_metrics(self)
 
     def evaluate(self, arrays: dict[str, Any]) -> dict[str, float]:
         cell_types = arrays.get(f"label/{self.label_key}") if self.label_key else None
@@ -154,19 +125,7 @@ class VAETask(L.LightningModule):
         if path is not None:
             log.info("wrote %s", path)
 
-    # ---- optimisation and state ---------------------------------------------------------------
-    def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
+    # ---- checkpoint state -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["scgpt"] = {"cells_seen": self.cells_seen, "attention_backend": self.model.attention_backend,
                                "model_kind": "vae", **self.export_metadata, "labels": self.label_names}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.cells_seen = int(checkpoint.get("scgpt", {}).get("cells_seen", 0))

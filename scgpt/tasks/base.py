@@ -1,0 +1,60 @@
+"""What every training task shares: per-batch reseeding, training-step logging and counters, AdamW with
+weight-decay groups and a step schedule, and ``cells_seen`` carried through checkpoints.
+
+Subclasses set ``self.model`` and implement ``losses(batch) -> (total, named terms, ...)``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from data_modules.collate import CellBatch
+from scgpt.seeding import derive_seed
+
+
+class TrainingTask(L.LightningModule):
+    fused_adamw = False  # PretrainTask exposes it as an option
+
+    def init_training(self, optimizer: Callable[..., torch.optim.Optimizer] | None, scheduler: Callable[..., Any] | None,
+                      seed: int, default_lr: float) -> None:
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=default_lr)
+        self.scheduler_factory = scheduler
+        self.seed = seed
+        self.cells_seen = 0
+        self.first_loss: Tensor | None = None
+        self.last_loss: Tensor | None = None
+        self.export_metadata: dict[str, Any] = {}  # vocabulary and tokenizer settings, set by train()
+
+    def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
+        """Dropout noise is a function of (seed, epoch, batch, rank), so a resumed run draws what an
+        uninterrupted one would have drawn."""
+        torch.manual_seed(derive_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
+
+    def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
+        loss, terms = self.losses(batch)[:2]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.n_cells)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch.n_cells)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch.n_cells)
+        self.cells_seen += batch.n_cells * self.trainer.world_size
+        self.first_loss = loss.detach() if self.first_loss is None else self.first_loss
+        self.last_loss = loss.detach()
+        return loss
+
+    def configure_optimizers(self):
+        ndim = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731 - ZeRO-3 shards are flat; ds_shape is the real one
+        decay = [p for p in self.model.parameters() if ndim(p) >= 2]
+        no_decay = [p for p in self.model.parameters() if ndim(p) < 2]  # biases and norms
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory(groups, fused=True) if self.fused_adamw else self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.cells_seen = int(checkpoint.get("scgpt", {}).get("cells_seen", 0))
