@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scgpt.errors import ConfigError, DataError
+from scgpt.errors import ConfigError
 
 _CHUNK_CELLS = 4096  # cells per sampling chunk; fixed so that results depend only on the seed
 _PROGRAM_SIZE = 20

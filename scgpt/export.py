@@ -18,7 +18,6 @@ leaves nothing behind, and an existing directory is replaced only with ``--overw
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from scgpt.metrics import (classification_metrics, confusion, knn_accuracy, logistic_regression_accuracy,
                            pca_embedding, plot_confusion)
