@@ -189,6 +189,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "val": {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
         "cells_per_s": throughput.cells_per_s,
         "tokens_per_s": throughput.tokens_per_s,
+        "tflops_per_device": throughput.tflops_per_s,
+        "mfu": throughput.mfu,
+        "peak_memory_gib": _peak_memory_gib(task),
         "attention_backend": task.model.attention_backend,
         "checkpoint": str(last),
         "resumed_from": resume,
@@ -202,6 +205,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["plots"] = [str(p) for p in finish_run(logger, callbacks, summary, run_dir)]
         write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def _peak_memory_gib(task) -> float | None:
+    """Peak memory allocated on this process's GPU during the run (None on CPU)."""
+    device = getattr(task, "device", None)
+    if device is None or device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def optimized_metric(cfg: DictConfig, summary: dict[str, Any]) -> float | None:

@@ -7,9 +7,12 @@ token attends to every real token of its cell.
 Backends:
 - ``reference``: plain softmax(QK^T / sqrt(d)) V, the ground truth used by tests.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (the default).
-- ``flash_attn``: flash-attn 2 varlen kernels on unpadded tokens (CUDA only). The generative mask is
-  not a shape flash-attn supports directly, so it is computed exactly from two varlen calls and the
-  log-sum-exp of each (see :func:`generative_varlen_attention`).
+- ``flash_attn``: FlashAttention varlen kernels on unpadded tokens (CUDA only): the flash-attn package's
+  ``flash_attn_varlen_func`` when it is installed, else PyTorch's own FlashAttention varlen kernel
+  (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10), so a GPU without a flash-attn build still
+  runs unpadded. The backend's ``name`` says which kernel ran. The generative mask is not a shape these
+  kernels support directly, so it is computed exactly from varlen calls and the log-sum-exp of the
+  cross-attention (see :func:`generative_varlen_attention`).
 
 Packed (unpadded) tokens: everything that depends only on the cells' lengths and the generative mask
 (per-cell masks, length groups, index tensors, host-side lengths) is computed once per forward in a
@@ -216,6 +219,33 @@ def flash_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
     return out, lse.transpose(0, 1).float()
 
 
+def torch_flash_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+    """PyTorch's FlashAttention varlen kernel returning (out (Tq, H, Dh), lse (Tq, H)); fp16/bf16 on CUDA."""
+    from torch.nn.attention.varlen import AuxRequest, varlen_attn
+
+    out, lse = varlen_attn(q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k), return_aux=AuxRequest(lse=True))
+    if lse.shape[0] != q.shape[0] or lse.dim() != 2:  # the kernel returns (H, Tq)
+        lse = lse.transpose(0, 1)
+    return out, lse.float()
+
+
+def differentiable_lse(lse: Tensor, q: Tensor, k: Tensor, kernel: VarlenKernel, cu_q: Tensor, cu_k: Tensor,
+                       max_q: int, max_k: int) -> Tensor:
+    """``lse``'s value with its exact gradient, which FlashAttention kernels' backward passes drop.
+
+    With p_ij the attention probabilities, d lse_i / d q_i = scale * sum_j p_ij k_j (the attention output
+    with the keys as values, ``mean_key``) and d lse_i / d k_j = scale * p_ij q_i (what reaches the values
+    of that call when q and the scoring keys are held fixed). Two zero-valued terms carry these gradients.
+    """
+    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad):
+        return lse.detach()
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    mean_key = kernel(q.detach(), k.detach(), k, cu_q, cu_k, max_q, max_k)[0].float()  # (Tq, H, Dh)
+    via_q = scale * (q.float() * mean_key.detach()).sum(-1)  # (Tq, H)
+    via_k = scale * (q.detach().float() * mean_key).sum(-1)  # (Tq, H)
+    return lse.detach() + (via_q - via_q.detach()) + (via_k - via_k.detach())
+
+
 class GenerativeSplit:
     """Known and generated tokens of packed cells as index tensors and cu_seqlens (no host syncs later)."""
 
@@ -238,6 +268,7 @@ def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
     Known queries attend to the known keys of their cell. A generated query attends to the known keys
     (one varlen cross-attention returning its log-sum-exp ``lse``) and to its own key (score ``s``);
     softmax over the union is the lse-weighted mix ``(e^lse * out_known + e^s * v_self) / (e^lse + e^s)``.
+    The lse's gradient comes from :func:`differentiable_lse` (one more varlen call while training).
     Packed tokens are contiguous per cell, so selecting known or generated tokens keeps cells grouped.
     """
     split = split or GenerativeSplit(cu_seqlens, gen_mask)
@@ -247,6 +278,7 @@ def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
         return out_known
     qg, kg, vg = (t.index_select(0, split.gen_idx) for t in (q, k, v))  # (Tg, H, Dh)
     cross, lse = kernel(qg, kk, vk, split.cu_gen, split.cu_known, split.max_gen, split.max_known)  # (Tg, H, Dh), (Tg, H)
+    lse = differentiable_lse(lse, qg, kk, kernel, split.cu_gen, split.cu_known, split.max_gen, split.max_known)
     self_score = (qg.float() * kg.float()).sum(-1) / math.sqrt(q.shape[-1])  # (Tg, H)
     top = torch.maximum(lse, self_score)
     w_cross, w_self = torch.exp(lse - top)[..., None], torch.exp(self_score - top)[..., None]
@@ -288,12 +320,25 @@ class VarlenAttention(AttentionBackend):
         return out.transpose(1, 2)
 
 
-def flash_attn_available() -> bool:
+def flash_attn_package_available() -> bool:
     try:
         import flash_attn  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return True
+
+
+def torch_flash_varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import AuxRequest, varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flash_attn_available() -> bool:
+    """Whether a FlashAttention varlen kernel (flash-attn's or PyTorch's) can run here."""
+    return torch.cuda.is_available() and (flash_attn_package_available() or torch_flash_varlen_available())
 
 
 def build_attention_backend(name: str) -> AttentionBackend:
@@ -305,6 +350,8 @@ def build_attention_backend(name: str) -> AttentionBackend:
     if name == "flash_attn":
         if not flash_attn_available():
             raise ConfigError("model.attention_backend: flash_attn needs CUDA and the flash-attn package "
-                              "(pip install 'scgpt[gpu]'); use model.attention_backend=sdpa on this machine")
-        return VarlenAttention(flash_varlen_kernel, "flash_attn")
+                              "(pip install 'scgpt[gpu]') or torch >= 2.10; use model.attention_backend=sdpa on this machine")
+        if flash_attn_package_available():
+            return VarlenAttention(flash_varlen_kernel, "flash_attn")
+        return VarlenAttention(torch_flash_varlen_kernel, "flash_attn(torch)")
     raise ConfigError(f"model.attention_backend: unknown backend {name!r}; choose sdpa, reference or flash_attn")
