@@ -109,8 +109,14 @@ def make_synthetic_adata(
     n_programs: int | None = None,
     n_batches: int = 1,
     seed: int = 0,
+    n_proteins: int = 0,
+    n_peaks: int = 0,
 ) -> ad.AnnData:
-    """Synthetic raw counts; ``X`` is CSR float32 holding integers, ground truth is in ``obs`` and ``uns``."""
+    """Synthetic raw counts; ``X`` is CSR float32 holding integers, ground truth is in ``obs`` and ``uns``.
+
+    ``n_proteins`` / ``n_peaks`` > 0 append ADT / ATAC features tied to cell type, with var column
+    ``feature_type`` (see :mod:`data_modules.synthetic_modality`); off by default.
+    """
     n_programs = 2 * n_cell_types if n_programs is None else n_programs
     _check_params(n_cells, n_genes, n_cell_types, n_programs, n_batches)
     rng = np.random.default_rng(seed)
@@ -153,7 +159,14 @@ def make_synthetic_adata(
         },
         index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
     )
-    adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(var_names)))
+    var, modality_uns = pd.DataFrame(index=pd.Index(var_names)), {}
+    if n_proteins or n_peaks:  # own generator: the RNA counts above are the same with or without it
+        from data_modules.synthetic_modality import add_modalities
+
+        x, var, modality_uns = add_modalities(x, var_names, cell_type, batch, n_cell_types, n_batches,
+                                              n_proteins, n_peaks, seed)
+    adata = ad.AnnData(X=x, obs=obs, var=var)
+    adata.uns.update(modality_uns)
     adata.uns["gene_programs"] = {f"program_{p}": var_names[g].tolist() for p, g in enumerate(program_genes)}
     adata.uns["cell_type_programs"] = {
         f"type_{t}": [f"program_{p}" for p in progs] for t, progs in type_programs.items()
@@ -164,6 +177,7 @@ def make_synthetic_adata(
             n_batches=n_batches, seed=seed,
         ).items()
     }
+    adata.uns["synthetic"].update({k: int(v) for k, v in dict(n_proteins=n_proteins, n_peaks=n_peaks).items() if v})
     return adata
 
 
@@ -184,6 +198,8 @@ def default_dataset_path(cache_dir: str | os.PathLike[str] | None = None, **para
     name = f"synthetic_{p['n_cells']}x{p['n_genes']}_t{p['n_cell_types']}_b{p['n_batches']}_s{p['seed']}"
     if p["n_programs"] is not None:
         name += f"_p{p['n_programs']}"
+    name += f"_adt{p['n_proteins']}" if p["n_proteins"] else ""
+    name += f"_atac{p['n_peaks']}" if p["n_peaks"] else ""
     return Path(cache_dir).expanduser() / f"{name}.zarr"
 
 
