@@ -111,11 +111,17 @@ def make_synthetic_adata(
     seed: int = 0,
     n_proteins: int = 0,
     n_peaks: int = 0,
+    n_regulators: int = 0,
+    n_perturbations: int = 0,
+    perturbed_fraction: float = 0.5,
+    perturbation_factor: float = 0.1,
 ) -> ad.AnnData:
     """Synthetic raw counts; ``X`` is CSR float32 holding integers, ground truth is in ``obs`` and ``uns``.
 
     ``n_proteins`` / ``n_peaks`` > 0 append ADT / ATAC features tied to cell type, with var column
     ``feature_type`` (see :mod:`data_modules.synthetic_modality`); off by default.
+    ``n_regulators`` > 0 plants a regulator -> target network and ``n_perturbations`` perturbation conditions
+    (see :mod:`data_modules.synthetic_perturbation`); off by default.
     """
     n_programs = 2 * n_cell_types if n_programs is None else n_programs
     _check_params(n_cells, n_genes, n_cell_types, n_programs, n_batches)
@@ -148,7 +154,16 @@ def make_synthetic_adata(
     prop = base[None, None, :] * type_mult[:, None, :] * batch_mult[None, :, :]  # (T, B, G)
     prop = (prop / prop.sum(-1, keepdims=True)).reshape(n_cell_types * n_batches, n_genes)
     shape = (1.0 / dispersion).astype(np.float32)
-    x = _sample_counts(rng, prop.astype(np.float32), shape, cell_type * n_batches + batch, lib)
+    rows, design = cell_type * n_batches + batch, None
+    if n_regulators:  # planted network and perturbations, from their own generator (off: nothing drawn)
+        from data_modules.synthetic_perturbation import perturb
+
+        design = perturb(np.random.default_rng([seed, 7]), prop, rows, base=base, candidates=candidates,
+                         type_mult=type_mult, n_batches=n_batches, n_regulators=n_regulators,
+                         n_perturbations=n_perturbations, perturbed_fraction=perturbed_fraction,
+                         perturbation_factor=perturbation_factor)
+        prop, rows = design.prop, design.rows
+    x = _sample_counts(rng, prop.astype(np.float32), shape, rows, lib)
     x = _fill_empty_cells(rng, x)
 
     var_names = np.array([f"SYN{i:05d}" for i in range(n_genes)])
@@ -178,6 +193,8 @@ def make_synthetic_adata(
         ).items()
     }
     adata.uns["synthetic"].update({k: int(v) for k, v in dict(n_proteins=n_proteins, n_peaks=n_peaks).items() if v})
+    if design is not None:
+        design.annotate(adata)  # obs['perturbation'], uns['regulatory_network'], uns['perturbations']
     return adata
 
 
@@ -200,6 +217,8 @@ def default_dataset_path(cache_dir: str | os.PathLike[str] | None = None, **para
         name += f"_p{p['n_programs']}"
     name += f"_adt{p['n_proteins']}" if p["n_proteins"] else ""
     name += f"_atac{p['n_peaks']}" if p["n_peaks"] else ""
+    if p["n_regulators"]:
+        name += f"_reg{p['n_regulators']}_pert{p['n_perturbations']}x{p['perturbed_fraction']}f{p['perturbation_factor']}"
     return Path(cache_dir).expanduser() / f"{name}.zarr"
 
 
@@ -211,6 +230,6 @@ def ensure_synthetic_store(cache_dir: str | os.PathLike[str] | None = None, **pa
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         adata = make_synthetic_adata(**params)
-        write_store(adata, path, obs_keys=["cell_type", "batch"], seed=_resolve_params(params)["seed"],
+        write_store(adata, path, obs_keys=list(adata.obs.columns), seed=_resolve_params(params)["seed"],
                     name="synthetic", created_by="scgpt built-in synthetic dataset", uns=dict(adata.uns))
     return path
