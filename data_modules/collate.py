@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
+from data_modules.modality import SPECIAL, bin_per_modality, choose_per_modality
 from scgpt.errors import ConfigError
 from scgpt.model.layout import TokenLayout
 from scgpt.tokenizer.binning import bin_rows
@@ -42,6 +43,8 @@ class CellBatch:
     cu_seqlens: Tensor | None = None  # (B + 1,) int32, packed layout
     max_seqlen: int = 0
     labels: dict[str, Tensor] = field(default_factory=dict)  # per-cell (B,) long, e.g. cell_type, batch
+    modality_ids: Tensor | None = None  # long per token, data with feature types only: 0 RNA, 1 ADT, 2 ATAC,
+    # 3 <cls> and padding (data_modules/modality.py)
 
     @property
     def layout(self) -> TokenLayout:
@@ -87,13 +90,19 @@ class CellCollator:
 
     ``gene_universe`` (vocabulary ids of every gene the dataset measures) is needed only with
     ``include_zero_genes``: then every measured gene is a candidate token, with value 0 if unexpressed.
+
+    ``gene_modality`` (modality id of every vocabulary id, :func:`data_modules.modality.vocab_modalities`)
+    makes batches carry ``modality_ids``, bins each modality on its own and shares ``max_seq_len`` between
+    the modalities (see :mod:`data_modules.modality`); without it nothing changes.
     """
 
-    def __init__(self, cfg: CollatorConfig, gene_universe: np.ndarray | Tensor | None = None) -> None:
+    def __init__(self, cfg: CollatorConfig, gene_universe: np.ndarray | Tensor | None = None,
+                 gene_modality: np.ndarray | None = None) -> None:
         self.cfg = cfg
         if cfg.include_zero_genes and gene_universe is None:
             raise ConfigError("data.include_zero_genes: needs the dataset's gene list (gene_universe)")
         self.gene_universe = None if gene_universe is None else np.asarray(gene_universe, dtype=np.int64)
+        self.gene_modality = None if gene_modality is None else np.asarray(gene_modality, dtype=np.int64)
         self._position: np.ndarray | None = None  # gene id -> column in the gene universe
 
     def __call__(self, cells: Sequence[dict], generator: torch.Generator) -> CellBatch:
@@ -129,7 +138,7 @@ class CellCollator:
         lengths = np.diff(indptr)
         n_cells = len(lengths)
         n_candidates = self.gene_universe.size if cfg.include_zero_genes else int(lengths.max(initial=0))
-        out = _Tokens.empty(n_cells, 1 + min(cfg.max_seq_len - 1, n_candidates), cfg)
+        out = _Tokens.empty(n_cells, 1 + min(cfg.max_seq_len - 1, n_candidates), cfg, self.gene_modality is not None)
         options = np.asarray(cfg.mask_ratios, dtype=np.float32)
         ratios = options[rng.integers(len(options), size=n_cells)]  # (B,)
         generative = rng.random(n_cells) < cfg.generative_fraction  # (B,)
@@ -155,6 +164,7 @@ class CellCollator:
             padding_mask=as_tensor(np.arange(out.gene_ids.shape[1]) > out.n_tokens[:, None]),
             max_seqlen=int(out.n_tokens.max(initial=0)) + 1,
             labels={k: torch.as_tensor(np.asarray(v), dtype=torch.long) for k, v in labels.items()},
+            modality_ids=None if out.modality is None else as_tensor(out.modality),
         )
         return pack_batch(batch) if cfg.layout == "packed" else batch
 
@@ -163,8 +173,13 @@ class CellCollator:
         """Cells ``first ..`` of the batch (their own CSR slice) -> rows of ``out``."""
         cfg = self.cfg
         values, valid = self._candidates(indptr, gene_ids, counts)  # (b, N)
-        bins = bin_rows(values, valid, cfg.n_bins, rng.random(values.shape, dtype=np.float32))  # (b, N)
-        chosen, n_tokens = self._choose_genes(valid, rng)  # (b, N), (b,)
+        if self.gene_modality is None:
+            bins = bin_rows(values, valid, cfg.n_bins, rng.random(values.shape, dtype=np.float32))  # (b, N)
+            chosen, n_tokens = self._choose_genes(valid, rng)  # (b, N), (b,)
+        else:
+            modality = self._slot_modality(gene_ids, valid)  # (b, N)
+            bins = bin_per_modality(values, valid, modality, cfg.n_bins, rng.random(values.shape, dtype=np.float32))
+            chosen, n_tokens = choose_per_modality(valid, modality, cfg.max_seq_len - 1, rng)
         rows = slice(first, first + len(n_tokens))
         width = int(n_tokens.max(initial=0))
         tokens = np.arange(width) < n_tokens[:, None]  # (b, w) real gene tokens, after <cls>
@@ -174,6 +189,8 @@ class CellCollator:
             out.gene_ids[rows, 1:width + 1][tokens] = gene_ids[chosen[valid]]  # valid slots are CSR order
         out.target[rows, 1:width + 1][tokens] = bins[chosen]
         out.n_tokens[rows] = n_tokens
+        if out.modality is not None:
+            out.modality[rows, 1:width + 1][tokens] = modality[chosen]
         real_gene = np.zeros((len(n_tokens), width + 1), dtype=bool)  # (b, 1 + w)
         real_gene[:, 1:] = tokens
         hidden = mask_rows(real_gene, ratios, rng.random(real_gene.shape, dtype=np.float32))
@@ -197,6 +214,14 @@ class CellCollator:
         values = np.zeros(valid.shape, dtype=np.float32)
         values[valid] = counts  # row-major order of the valid slots is CSR order
         return values, valid
+
+    def _slot_modality(self, gene_ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Modality id (b, N) of each candidate slot (SPECIAL where not valid)."""
+        if self.cfg.include_zero_genes:
+            return np.broadcast_to(self.gene_modality[self.gene_universe], valid.shape)
+        modality = np.full(valid.shape, SPECIAL, dtype=np.int64)
+        modality[valid] = self.gene_modality[gene_ids]  # valid slots are CSR order
+        return modality
 
     def _universe_position(self, gene_ids: np.ndarray) -> np.ndarray:
         """Column of each gene id in the gene universe, -1 for ids outside it."""
@@ -282,15 +307,17 @@ class _Tokens:
     hidden: np.ndarray  # bool
     gen_mask: np.ndarray  # bool
     n_tokens: np.ndarray  # (B,) genes per cell, <cls> not counted
+    modality: np.ndarray | None = None  # int64: SPECIAL at <cls> and pad, else the feature's modality
 
     @classmethod
-    def empty(cls, n_cells: int, length: int, cfg: CollatorConfig) -> "_Tokens":
+    def empty(cls, n_cells: int, length: int, cfg: CollatorConfig, modality: bool = False) -> "_Tokens":
         gene_ids = np.full((n_cells, length), cfg.pad_token_id, dtype=np.int64)
         gene_ids[:, 0] = cfg.cls_token_id
         return cls(gene_ids=gene_ids, target=np.full((n_cells, length), cfg.pad_value, dtype=np.float32),
                    values=np.empty((n_cells, length), dtype=np.float32),
                    hidden=np.zeros((n_cells, length), dtype=bool), gen_mask=np.zeros((n_cells, length), dtype=bool),
-                   n_tokens=np.zeros(n_cells, dtype=np.int64))
+                   n_tokens=np.zeros(n_cells, dtype=np.int64),
+                   modality=np.full((n_cells, length), SPECIAL, dtype=np.int64) if modality else None)
 
 
 def pack_batch(batch: CellBatch) -> CellBatch:
@@ -303,4 +330,5 @@ def pack_batch(batch: CellBatch) -> CellBatch:
         gene_ids=batch.gene_ids[real], values=batch.values[real], target_values=batch.target_values[real],
         hidden_mask=batch.hidden_mask[real], gen_mask=batch.gen_mask[real], generative=batch.generative,
         cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()), labels=batch.labels,
+        modality_ids=None if batch.modality_ids is None else batch.modality_ids[real],
     )

@@ -8,7 +8,8 @@ On-disk layout (``anndata.read_zarr(path)`` opens it; metadata is consolidated i
       indptr    int64 (n_cells + 1,)                  chunks 65536, shards of 16 chunks
     obs/        the requested metadata columns (strings/bools -> categorical, numbers stay numeric),
                 ``original_index`` (int64 row in its source file before shuffling), ``source`` (file name)
-    var/        index: gene names; ``gene_ids`` (Ensembl id, '' when unknown); ``vocab_id`` (int64)
+    var/        index: gene names; ``gene_ids`` (Ensembl id, '' when unknown); ``vocab_id`` (int64);
+                ``feature_type`` (10x feature type, only for multi-modal input: see data_modules/modality.py)
     uns/scgpt_store   a copy of the attributes below
     uns/scgpt_vocab   the vocabulary used at conversion: ``tokens`` (str) and ``ids`` (int64)
 
@@ -41,6 +42,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from data_modules.cells import CellTable
+from data_modules.modality import FEATURE_TYPE_COLUMN, GENE_EXPRESSION, feature_types_of
 from scgpt.errors import DataError
 from scgpt.tokenizer.vocab import GeneVocab
 
@@ -60,6 +62,7 @@ class _Source:
     n_cells: int
     genes: np.ndarray  # (G,) str gene names
     gene_ids: np.ndarray | None = None  # (G,) str Ensembl ids
+    feature_types: np.ndarray | None = None  # (G,) str 10x feature types ('Gene Expression', 'Peaks', ...)
     obs_columns: list[str] = []
     fix_hint = "pass a matrix of raw (integer) counts"
 
@@ -113,7 +116,9 @@ class _H5adSource(_Source):
             raise DataError(f"{path}: has no X; pass --layer with one of: {available}")
         self._node = node
         self.n_cells = int((node.shape if isinstance(node, h5py.Dataset) else node.attrs["shape"])[0])
-        self.genes, self.gene_ids = _gene_names(self.path, ad.io.read_elem(var_node), gene_column)
+        var = ad.io.read_elem(var_node)
+        self.genes, self.gene_ids = _gene_names(self.path, var, gene_column)
+        self.feature_types = feature_types_of(var)
         self.obs_columns = list(f["obs"].attrs.get("column-order", []))
         if "counts" in layers and layer != "counts":
             self.fix_hint = "pass --layer counts"
@@ -167,6 +172,8 @@ class _TenxH5Source(_Source):
         elif gene_column not in (None, "name"):
             raise DataError(f"{path}: unknown --gene-column {gene_column!r} for 10x input; use 'name' or 'gene_ids'")
         self.genes, self.gene_ids = names, ids
+        if "feature_type" in m["features"]:
+            self.feature_types = np.asarray(m["features/feature_type"].asstr()[:], dtype=object)
         self.fix_hint = "pass the raw (not filtered-and-normalised) CellRanger matrix"
 
     def blocks(self, chunk: int) -> Iterator[sp.csr_matrix]:
@@ -221,6 +228,8 @@ class _MtxSource(_Source):
             raise DataError(f"{path}: matrix is {self._x.shape[1]} genes x {self._x.shape[0]} cells but there are "
                             f"{len(names)} features and {len(self._barcodes)} barcodes; use matching files")
         self.n_cells, self.genes, self.gene_ids = self._x.shape[0], names, ids if feats.shape[1] > 1 else None
+        if feats.shape[1] > 2:  # 10x v3 features.tsv: id, name, feature type
+            self.feature_types = feats[2].to_numpy(dtype=object)
 
     def blocks(self, chunk: int) -> Iterator[sp.csr_matrix]:
         for start in range(0, self.n_cells, chunk):
@@ -271,6 +280,7 @@ class _AnnDataSource(_Source):
     def __init__(self, adata: ad.AnnData, name: str) -> None:
         self.path, self._adata, self.n_cells = name, adata, adata.n_obs
         self.genes, self.gene_ids = _gene_names(name, adata.var, None)
+        self.feature_types = feature_types_of(adata.var)
         self.obs_columns = list(adata.obs.columns)
 
     def blocks(self, chunk: int) -> Iterator[sp.csr_matrix]:
@@ -403,6 +413,20 @@ def _check_overlap(source: _Source, vocab: GeneVocab, vocab_name: str, min_overl
                         "names or a vocabulary built from these genes")
 
 
+def _merge_feature_types(sources: list[_Source], genes: pd.Index) -> np.ndarray | None:
+    """Each kept gene's feature type (first source that has one wins; 'Gene Expression' otherwise), or None
+    when no source has feature types."""
+    if all(s.feature_types is None for s in sources):
+        return None
+    types = pd.Series(GENE_EXPRESSION, index=genes, dtype=object)
+    for s in reversed(sources):
+        if s.feature_types is not None:
+            known = pd.Series(s.feature_types, index=s.genes)
+            known = known[known.index.isin(genes)]
+            types[known.index] = known.to_numpy()
+    return types.to_numpy(dtype=str)
+
+
 def _combine_column(parts: list[pd.Series]) -> pd.Series | pd.Categorical:
     """One obs column across sources: numbers stay numeric; anything else becomes one categorical."""
     if all(pd.api.types.is_numeric_dtype(p) and not pd.api.types.is_bool_dtype(p) for p in parts):
@@ -440,6 +464,7 @@ class _StoreWriter:
                 known = known[known.index.isin(self.genes) & (known != "")]
                 ids[known.index] = known.to_numpy()
         self.gene_ids = ids.to_numpy(dtype=str)
+        self.feature_types = _merge_feature_types(sources, self.genes)
         self.n_in = sum(s.n_cells for s in sources)
         self.perm = np.random.default_rng(seed).permutation(self.n_in)
         self.pos_of = np.empty(self.n_in, np.int64)
@@ -617,6 +642,8 @@ def _validate_and_write(sources: list[_Source], out: str | os.PathLike, *, vocab
                     n_cells_dropped=writer.n_in - n_cells, sources=[s.path for s in sources])
         var = pd.DataFrame({"gene_ids": writer.gene_ids, "vocab_id": vocab.encode(list(writer.genes))},
                            index=pd.Index(writer.genes.astype(str)))
+        if writer.feature_types is not None:  # multi-modal input: which modality each feature is
+            var[FEATURE_TYPE_COLUMN] = pd.Categorical(writer.feature_types)
         tokens = sorted(vocab.token_to_id.items(), key=lambda kv: kv[1])
         uns = dict(extra_uns or {}, scgpt_store=meta, scgpt_vocab={
             "tokens": np.array([t for t, _ in tokens], dtype=object), "ids": np.array([i for _, i in tokens])})

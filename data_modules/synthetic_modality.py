@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from data_modules.modality import ANTIBODY_CAPTURE, FEATURE_TYPE_COLUMN, GENE_EXPRESSION, PEAKS
 from scgpt.errors import ConfigError
 
-FEATURE_TYPE_COLUMN = "feature_type"
-GENE_EXPRESSION, ANTIBODY_CAPTURE, PEAKS = "Gene Expression", "Antibody Capture", "Peaks"
 MODALITY_STREAM = 11  # the generator's second seed coordinate: np.random.default_rng([seed, 11])
 _SHARED_MARKER_SHARE = 0.3  # of marker proteins, also raised (less) in a second cell type
 _UNINFORMATIVE_SHARE = 0.2  # of proteins, not raised in any cell type

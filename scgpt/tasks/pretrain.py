@@ -52,7 +52,7 @@ class PretrainTask(TrainingTask):
     def forward(self, batch: CellBatch) -> ScGPTOutput:
         gen_mask = batch.gen_mask if bool(batch.generative.any()) else None
         return self.model(batch.gene_ids, batch.values, batch.layout, gen_mask=gen_mask,
-                          batch_labels=batch.labels.get("batch"))
+                          batch_labels=batch.labels.get("batch"), modality_ids=batch.modality_ids)
 
     def _gather(self, t: Tensor) -> Tensor:
         if self.trainer is None or self.trainer.world_size == 1:
