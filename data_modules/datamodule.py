@@ -12,6 +12,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from data_modules.collate import CellCollator, CollatorConfig
+from data_modules.modality import vocab_modalities
 from data_modules.store import CellStore, open_dataset
 from data_modules.stream import CellBatchStream, StreamPlan, cut_blocks
 from data_modules.synthetic import ensure_synthetic_store
@@ -146,7 +147,8 @@ class CellDataModule(L.LightningDataModule):
         vocab = self.vocab
         universe = vocab.encode(list(dict.fromkeys(g for s in self.sources for g in s.var_names)))
         collator = CellCollator(CollatorConfig(pad_token_id=vocab.pad_id, cls_token_id=vocab.cls_id,
-                                               **self.collator_options), gene_universe=universe[universe >= 0])
+                                               **self.collator_options), gene_universe=universe[universe >= 0],
+                                gene_modality=vocab_modalities(self.sources, vocab))  # None for RNA-only data
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         for split, ranges in self.row_ranges().items():
             plan = StreamPlan(cut_blocks(ranges, self.block_size), self.per_device_batch_size, self.buffer_blocks,
