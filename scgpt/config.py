@@ -15,6 +15,7 @@ ATTENTION_BACKENDS = ("sdpa", "reference", "flash_attn")
 VALUE_ENCODINGS = ("continuous", "category", "scaling")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 NORM_SCHEMES = ("post", "pre")
+DSBN_PLACES = ("off", "input", "output")  # domain-specific batch norm: none, on the token inputs, on encoder outputs
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -54,6 +55,7 @@ class ModelConfig:
     batch_discriminator: bool = False  # adversarial batch discriminator (needs n_batch_labels)
     n_modalities: int = 0  # > 0 adds a per-token modality embedding
     n_perturbation_flags: int = 0  # > 0 adds a per-token perturbation embedding
+    dsbn: str = "off"  # per-batch-label BatchNorm: "input" (before the encoder, as scGPT) or "output"; true = input
 
     def __post_init__(self) -> None:
         _require(self.vocab_size > 0, "model.vocab_size", "must be positive")
@@ -75,6 +77,11 @@ class ModelConfig:
         _require(self.n_layers_cls >= 1, "model.n_layers_cls", "must be at least 1")
         _require(not self.batch_discriminator or self.n_batch_labels > 1, "model.batch_discriminator",
                  "needs model.n_batch_labels > 1 (the number of batches to discriminate)")
+        if isinstance(self.dsbn, bool):  # dsbn: true / false (YAML also reads on / off as booleans)
+            self.dsbn = "input" if self.dsbn else "off"
+        _one_of(self.dsbn, DSBN_PLACES, "model.dsbn")
+        _require(self.dsbn == "off" or self.n_batch_labels > 0, "model.dsbn",
+                 "needs model.n_batch_labels > 0 (one set of statistics per batch label)")
 
     @property
     def head_dim(self) -> int:

@@ -99,6 +99,7 @@ def original_format_refusals(cfg: ModelConfig) -> list[str]:
                                              "same value inputs and weights in the original"),
         (cfg.n_batch_labels > 0, f"model.n_batch_labels={cfg.n_batch_labels}: batch-label embeddings are not exported"),
         (cfg.batch_discriminator, "model.batch_discriminator=true: the adversarial discriminator is not exported"),
+        (cfg.dsbn != "off", f"model.dsbn={cfg.dsbn}: domain-specific batch norm is not exported"),
         (cfg.n_modalities > 0, f"model.n_modalities={cfg.n_modalities}: the original has no modality embedding"),
         (cfg.n_perturbation_flags > 0, f"model.n_perturbation_flags={cfg.n_perturbation_flags}: the original "
                                        "pretrained model has no perturbation embedding"),

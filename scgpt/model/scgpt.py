@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from scgpt.config import ModelConfig
 from scgpt.model.attention import AttentionBackend, build_attention_backend
+from scgpt.model.dsbn import DomainSpecificBatchNorm
 from scgpt.model.embeddings import InputEmbedding
 from scgpt.model.encoder import TransformerEncoder
 from scgpt.model.heads import BatchDiscriminator, ClassifierHead, ExpressionDecoder, MVCDecoder
@@ -48,6 +49,8 @@ class ScGPTModel(nn.Module):
         self.mvc_decoder = MVCDecoder(d, d_dec, cfg.explicit_zero_prob) if cfg.mvc_decoder else None
         self.cls_decoder = ClassifierHead(d, cfg.n_cls_classes, cfg.n_layers_cls) if cfg.n_cls_classes else None
         self.batch_discriminator = BatchDiscriminator(d, cfg.n_batch_labels) if cfg.batch_discriminator else None
+        self.dsbn = (DomainSpecificBatchNorm(d, cfg.n_batch_labels, eps=cfg.layer_norm_eps)
+                     if cfg.dsbn != "off" else None)
 
     @property
     def attention_backend(self) -> str:
@@ -68,16 +71,29 @@ class ScGPTModel(nn.Module):
         return nn.functional.normalize(layout.weighted_mean(token_states, weights), dim=-1)
 
     def encode(self, gene_ids: Tensor, values: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None,
-               modality_ids: Tensor | None = None, perturbation_flags: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (token states, gene embeddings, cell embedding)."""
+               modality_ids: Tensor | None = None, perturbation_flags: Tensor | None = None,
+               batch_labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (token states, gene embeddings, cell embedding). ``batch_labels`` (B,) are needed with DSBN."""
         x, gene_embs = self.embedding(gene_ids, values, modality_ids, perturbation_flags)
+        if self.cfg.dsbn == "input":
+            x = self.domain_norm(x, layout, batch_labels)
         states = self.transformer_encoder(x, layout, gen_mask)
+        if self.cfg.dsbn == "output":
+            states = self.domain_norm(states, layout, batch_labels)
         return states, gene_embs, self.pool(states, values, layout)
+
+    def domain_norm(self, x: Tensor, layout: TokenLayout, batch_labels: Tensor | None) -> Tensor:
+        """DSBN of per-token tensors (B, L, D) | (T, D) with the statistics of each cell's batch label."""
+        if batch_labels is None:
+            raise ValueError("this model has domain-specific batch norm (model.dsbn); pass batch_labels")
+        domains = batch_labels[layout.seq_ids] if layout.is_packed else batch_labels[:, None].expand(x.shape[:2])
+        return self.dsbn(x, domains, layout.token_mask())  # domains, mask: (B, L) | (T,)
 
     def forward(self, gene_ids: Tensor, values: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None,
                 batch_labels: Tensor | None = None, modality_ids: Tensor | None = None,
                 perturbation_flags: Tensor | None = None) -> ScGPTOutput:
-        states, gene_embs, cell_emb = self.encode(gene_ids, values, layout, gen_mask, modality_ids, perturbation_flags)
+        states, gene_embs, cell_emb = self.encode(gene_ids, values, layout, gen_mask, modality_ids, perturbation_flags,
+                                                  batch_labels)
         dec_in, cell_dec = states, cell_emb
         if self.batch_encoder is not None:
             batch_emb = self.batch_encoder(batch_labels)  # (B, D)

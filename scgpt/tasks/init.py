@@ -27,13 +27,14 @@ log = logging.getLogger(__name__)
 
 # Settings a task may choose; every other model setting is the architecture and comes from the checkpoint.
 TASK_KEYS = ("n_cls_classes", "n_batch_labels", "batch_discriminator", "n_modalities", "n_perturbation_flags",
-             "dropout", "attention_backend", "max_seq_len", "n_layers_cls")
+             "dsbn", "dropout", "attention_backend", "max_seq_len", "n_layers_cls")
 # Weights under these prefixes exist only with the head (or have a head-dependent shape).
 HEAD_PREFIXES = {
     "n_cls_classes": ("cls_decoder.",),
     "n_layers_cls": ("cls_decoder.",),
-    "n_batch_labels": ("batch_encoder.", "decoder.", "mvc_decoder.", "batch_discriminator."),
+    "n_batch_labels": ("batch_encoder.", "decoder.", "mvc_decoder.", "batch_discriminator.", "dsbn."),
     "batch_discriminator": ("batch_discriminator.",),
+    "dsbn": ("dsbn.",),
     "n_modalities": ("embedding.modality_encoder.",),
     "n_perturbation_flags": ("embedding.pert_encoder.",),
 }
