@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from data_modules.collate import CellCollator, CollatorConfig
 from data_modules.modality import vocab_modalities
+from data_modules.splits import ObsSplit, RowSubset, assign_rows
 from data_modules.store import CellStore, open_dataset
 from data_modules.stream import CellBatchStream, StreamPlan, cut_blocks
 from data_modules.synthetic import ensure_synthetic_store
@@ -24,7 +25,9 @@ STATE_VERSION = 1
 
 class CellDataModule(L.LightningDataModule):
     """Streams cells from stores. Stores are shuffled once when written, so the first ``val_fraction``
-    rows of each store are a random validation sample and the rest are for training."""
+    rows of each store are a random validation sample and the rest are for training. ``val_split`` /
+    ``test_split`` (``{key: <obs column>, values: [...]}``) hold out the cells with those obs values instead
+    (see :mod:`data_modules.splits`); a test split is evaluated after training."""
 
     def __init__(self, paths: str | Sequence[str] | None = None, synthetic: dict[str, Any] | None = None,
                  vocab_path: str | None = None, label_keys: Sequence[str] = (), val_fraction: float = 0.05,
@@ -33,7 +36,8 @@ class CellDataModule(L.LightningDataModule):
                  n_bins: int = 51, mask_ratios: Sequence[float] = (0.25, 0.5, 0.75), mask_value: float = -1.0,
                  pad_value: float = -2.0, include_zero_genes: bool = False, generative_fraction: float = 0.5,
                  layout: str = "padded", min_vocab_overlap: float = 0.5, seed: int = 0,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, val_split: dict[str, Any] | None = None,
+                 test_split: dict[str, Any] | None = None) -> None:
         super().__init__()
         if (paths is None) == (synthetic is None):
             raise ConfigError("data: set exactly one of data.paths (store paths or a manifest) or data.synthetic")
@@ -52,6 +56,9 @@ class CellDataModule(L.LightningDataModule):
         self.collator_options = dict(max_seq_len=max_seq_len, n_bins=n_bins, mask_ratios=tuple(mask_ratios),
                                      mask_value=mask_value, pad_value=pad_value, include_zero_genes=include_zero_genes,
                                      generative_fraction=generative_fraction, layout=layout)
+        self.val_split = ObsSplit.parse("data.val_split", val_split)
+        self.test_split = ObsSplit.parse("data.test_split", test_split)
+        self._split_rows: list[dict[str, np.ndarray]] | None = None
         self._sources: list[CellStore] | None = None
         self._streams: dict[str, CellBatchStream] = {}
         self._epoch, self._skip, self.batches_done = 0, 0, 0
@@ -70,6 +77,9 @@ class CellDataModule(L.LightningDataModule):
         self._vocab = self._make_vocab(sources)
         self.label_names, self.label_maps = self._label_codes(sources)
         self.fingerprint = hashlib.sha256("|".join(s.fingerprint for s in sources).encode()).hexdigest()
+        for split in (self.val_split, self.test_split):
+            if split is not None:
+                split.check(sources)
         self._sources = sources
 
     @property
@@ -122,8 +132,9 @@ class CellDataModule(L.LightningDataModule):
     def label_counts(self, label_key: str, split: str = "train") -> np.ndarray:
         """Cells per dataset-wide class of ``label_key`` among the ``split`` rows (missing labels not counted)."""
         counts = np.zeros(self.n_classes(label_key), dtype=np.int64)
-        for store, codes_map, (start, stop) in zip(self.sources, self.label_maps[label_key], self.row_ranges()[split]):
-            codes = store.read_obs(label_key, start, stop)
+        sources, ranges = self.split_sources(split)
+        for source, codes_map, (start, stop) in zip(sources, self.label_maps[label_key], ranges):
+            codes = source.read_obs(label_key, start, stop)
             counts += np.bincount(codes_map[codes[codes >= 0]], minlength=counts.size)
         return counts
 
@@ -132,13 +143,47 @@ class CellDataModule(L.LightningDataModule):
         return len(self.label_names[label_key])
 
     def row_ranges(self) -> dict[str, list[tuple[int, int]]]:
-        """Per store: validation rows [0, n_val) and training rows [n_val, n)."""
+        """Per store: validation rows [0, n_val) and training rows [n_val, n) (without obs splits; with them,
+        each split's rows numbered within its :class:`RowSubset`, see :meth:`split_sources`)."""
+        if self.has_obs_splits:
+            return {split: self.split_sources(split)[1] for split in self.splits}
         ranges: dict[str, list[tuple[int, int]]] = {"train": [], "val": []}
         for store in self.sources:
             n_val = max(1, round(store.n_cells * self.val_fraction))
             ranges["val"].append((0, n_val))
             ranges["train"].append((n_val, store.n_cells))
         return ranges
+
+    @property
+    def has_obs_splits(self) -> bool:
+        return self.val_split is not None or self.test_split is not None
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "val", "test") if self.test_split is not None else ("train", "val")
+
+    @property
+    def has_test(self) -> bool:
+        return self.test_split is not None
+
+    def split_rows(self) -> list[dict[str, np.ndarray]]:
+        """Per store, the ascending rows of each split (obs splits only); read once from the obs column."""
+        if self._split_rows is None:
+            self._split_rows = [assign_rows(store, self.val_fraction, self.val_split, self.test_split)
+                                for store in self.sources]
+            for split in self.splits:
+                if not sum(rows[split].size for rows in self._split_rows):
+                    option = {"test": "data.test_split", "val": "data.val_split"}.get(split, "data.val_split / data.test_split")
+                    raise ConfigError(f"{option}: leaves no {split} cells; hold out fewer values")
+        return self._split_rows
+
+    def split_sources(self, split: str) -> tuple[list, list[tuple[int, int]]]:
+        """What the ``split`` stream reads: one source per store (a :class:`RowSubset` with obs splits) and
+        its [start, stop) range of rows."""
+        if not self.has_obs_splits:
+            return self.sources, self.row_ranges()[split]
+        subsets = [RowSubset(store, rows[split]) for store, rows in zip(self.sources, self.split_rows())]
+        return subsets, [(0, s.n_cells) for s in subsets]
 
     # ---- Lightning hooks --------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -150,7 +195,8 @@ class CellDataModule(L.LightningDataModule):
                                                **self.collator_options), gene_universe=universe[universe >= 0],
                                 gene_modality=vocab_modalities(self.sources, vocab))  # None for RNA-only data
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        for split, ranges in self.row_ranges().items():
+        for split in self.splits:
+            sources, ranges = self.split_sources(split)
             plan = StreamPlan(cut_blocks(ranges, self.block_size), self.per_device_batch_size, self.buffer_blocks,
                               self.seed, shuffle=split == "train", world_size=world,
                               num_workers=max(1, self.num_workers))
@@ -158,7 +204,7 @@ class CellDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.block_size: {self.block_size}-cell blocks leave some of the {world} ranks x "
                                   f"{plan.num_workers} workers without a full {split} batch; lower data.block_size "
                                   "or data.per_device_batch_size, or use fewer workers")
-            self._streams[split] = CellBatchStream(self.sources, self.label_keys, self.label_maps, vocab, plan,
+            self._streams[split] = CellBatchStream(sources, self.label_keys, self.label_maps, vocab, plan,
                                                    collator, rank)
         self._apply_position()
 
@@ -182,6 +228,12 @@ class CellDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_test:
+            raise ConfigError("data.test_split: not set; hold out test cells with "
+                              "data.test_split={key: <obs column>, values: [<value>]}")
+        return self._loader("test")
+
     # ---- exact resume ---------------------------------------------------------------------------
     def _layout(self) -> tuple[int, int]:
         world = self.trainer.world_size if self.trainer else 1
@@ -190,7 +242,14 @@ class CellDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         world, workers = self._layout()
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "seed": self.seed, "epoch": self._epoch,
-                "batches_done": self._skip + self.batches_done, "world_size": world, "num_workers": workers}
+                "batches_done": self._skip + self.batches_done, "world_size": world, "num_workers": workers,
+                "splits": self._split_state()}
+
+    def _split_state(self) -> list | None:
+        """The obs splits, which decide the training cells (None without them)."""
+        if not self.has_obs_splits:
+            return None
+        return [None if s is None else [s.key, list(s.values)] for s in (self.val_split, self.test_split)]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the checkpoint stopped; refuse what would change the data order."""
@@ -201,6 +260,10 @@ class CellDataModule(L.LightningDataModule):
                             "data.paths, or start a new run with init_from= instead of ckpt_path=")
         if state["seed"] != self.seed:
             raise ConfigError(f"seed: the checkpoint used seed {state['seed']}; resume with seed={state['seed']}")
+        if state.get("splits") != self._split_state():
+            raise ConfigError(f"data.val_split / data.test_split: the checkpoint was trained with splits "
+                              f"{state.get('splits')} ([val, test] as [key, values]), now {self._split_state()}; "
+                              "resume with the same splits")
         epoch, done = int(state["epoch"]), int(state["batches_done"])
         if done and (state["world_size"], state["num_workers"]) != self._layout():
             raise ConfigError(f"trainer.devices / data.num_workers: the checkpoint stopped mid-epoch with "

@@ -59,9 +59,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def metric_value(summary: dict[str, Any], name: str) -> Any:
-    """``val/masked_mse`` -> summary['val']['masked_mse']; other names are top-level summary keys."""
-    if name.startswith("val/"):
-        return (summary.get("val") or {}).get(name.removeprefix("val/"))
+    """``val/masked_mse`` -> summary['val']['masked_mse'] (``test/...`` likewise); other names are top-level
+    summary keys."""
+    if name.startswith(("val/", "test/")):
+        split, key = name.split("/", 1)
+        return (summary.get(split) or {}).get(key)
     return summary.get(name)
 
 

@@ -172,21 +172,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if logger:
             logger.log_hyperparams(resolved)
     started = time.perf_counter()
-    preempted = None
+    preempted, val, test = None, {}, None
     try:
         if cfg.task.get("fit", True):
             trainer.fit(task, datamodule=datamodule, ckpt_path=resume, weights_only=True)  # no pickled code
         else:  # zero-shot tasks (task=embed): evaluate the given weights on the validation cells
             trainer.validate(task, datamodule=datamodule)
+        val = _metrics(trainer, "val")
+        test = _run_test(trainer, task, datamodule)  # data.test_split: the held-out cells, once, at the end
     except Preempted as stop:  # checkpoint saved (and SLURM job requeued): report and end
         preempted = stop
+        val = _metrics(trainer, "val")
     summary = {
         "task": cfg.task.name,
         "global_step": int(trainer.global_step),
         "cells_seen": int(task.cells_seen),
         "train_loss_first": None if task.first_loss is None else float(task.first_loss),
         "train_loss_last": None if task.last_loss is None else float(task.last_loss),
-        "val": {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "val": val,
+        **({"test": test} if test is not None else {}),
         "cells_per_s": throughput.cells_per_s,
         "tokens_per_s": throughput.tokens_per_s,
         "tflops_per_device": throughput.tflops_per_s,
@@ -215,12 +219,32 @@ def _peak_memory_gib(task) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def _metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
+    return {k.removeprefix(f"{prefix}/"): float(v) for k, v in trainer.callback_metrics.items()
+            if k.startswith(f"{prefix}/")}
+
+
+def _run_test(trainer: L.Trainer, task: L.LightningModule, datamodule) -> dict[str, float] | None:
+    """Evaluate the trained weights on the test split (``data.test_split``); None without one."""
+    if not getattr(datamodule, "has_test", False):
+        return None
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("test_step", task, L.LightningModule):
+        log.warning("data.test_split: task %s has no test metrics; the held-out cells were not evaluated",
+                    type(task).__name__)
+        return None
+    trainer.test(task, datamodule=datamodule, verbose=False)
+    return _metrics(trainer, "test")
+
+
 def optimized_metric(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
     """The value a sweeper optimises: ``optimized_metric`` (val/<name> or a top-level summary key)."""
     name = cfg.get("optimized_metric")
     if not name:
         return None
-    value = summary.get("val", {}).get(name.removeprefix("val/")) if name.startswith("val/") else summary.get(name)
+    split = name.split("/", 1)[0] if name.startswith(("val/", "test/")) else None
+    value = (summary.get(split) or {}).get(name.split("/", 1)[1]) if split else summary.get(name)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         choices = [f"val/{k}" for k in summary.get("val", {})] + ["train_loss_last", "cells_per_s", "tokens_per_s"]
         raise ConfigError(f"optimized_metric={name}: not a number in the run summary; use one of {', '.join(choices)}")

@@ -70,6 +70,19 @@ class FinetuneTask(PretrainTask):
     def on_validation_epoch_end(self) -> None:
         log_collected_metrics(self)
 
+    # ---- test (data.test_split: held-out cells, evaluated once after training) -------------------
+    def test_step(self, batch: CellBatch, batch_idx: int) -> None:
+        loss, terms, out = self.losses(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch.n_cells)
+        self.log_dict({f"test/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=batch.n_cells)
+        self.collect(batch, out)
+
+    def on_test_epoch_end(self) -> None:
+        log_collected_metrics(self, prefix="test")
+
+    def on_test_end(self) -> None:
+        self._write_plots("plots/test")
+
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         raise NotImplementedError
 
@@ -84,10 +97,10 @@ class FinetuneTask(PretrainTask):
         if not self.trainer.training and self.trainer.state.fn == "validate":  # zero-shot: no fit end
             self._write_plots()
 
-    def _write_plots(self) -> None:
+    def _write_plots(self, subdir: str = "plots") -> None:
         if not self.plots or not self.last_eval or not self.trainer.is_global_zero:
             return
-        directory = Path(self.trainer.default_root_dir) / "plots"
+        directory = Path(self.trainer.default_root_dir) / subdir
         try:
             written = self.plot(self.last_eval, directory)
         except Exception as exc:  # a plot must never fail a run
@@ -105,9 +118,10 @@ class FinetuneTask(PretrainTask):
         checkpoint["scgpt"]["labels"] = self.label_names  # class names, for predicting labels later
 
 
-def log_collected_metrics(task) -> None:
-    """End of a validation epoch for tasks that collect per-cell arrays in ``task._collected``: stack them,
-    keep them as ``task.last_eval`` (for plots), and log the finite values of ``task.evaluate(arrays)``."""
+def log_collected_metrics(task, prefix: str = "val") -> None:
+    """End of a validation (or test) epoch for tasks that collect per-cell arrays in ``task._collected``: stack
+    them, keep them as ``task.last_eval`` (for plots), and log the finite values of ``task.evaluate(arrays)``
+    as ``<prefix>/<name>``."""
     arrays = {k: (sp.vstack(v).tocsr() if k == "expression" else np.concatenate(v))
               for k, v in task._collected.items() if v}
     task._collected = defaultdict(list)
@@ -117,7 +131,7 @@ def log_collected_metrics(task) -> None:
     task.last_eval = arrays
     for name, value in metrics.items():
         if value is not None and np.isfinite(value):
-            task.log(f"val/{name}", float(value))
+            task.log(f"{prefix}/{name}", float(value))
 
 
 def binned_expression(batch: CellBatch, n_genes: int) -> sp.csr_matrix:
