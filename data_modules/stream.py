@@ -7,6 +7,10 @@ The data order is a pure function of (seed, epoch, world size, rank, workers, po
 - a worker reads ``buffer_blocks`` blocks at a time (one contiguous read each), permutes their cells
   from (seed, epoch, rank, worker, group) and cuts them into batches; the remainder of a group that
   does not fill a batch is dropped (training) or yields a short batch (validation);
+- with a domain sampler (``domain_key``, e.g. the batch label), the permuted cells of a group are split by
+  domain, each domain's cells are cut into batches (remainders dropped or short, as above) and these
+  single-domain batches are put in an order drawn from (seed, epoch, rank, worker, group); the blocks
+  carry their per-domain cell counts, so the batch counts stay arithmetic;
 - every worker yields the same number of batches, the minimum over all ranks and workers, so ranks
   never wait on each other; the DataLoader interleaves workers, so batch ``i`` of a rank comes from
   worker ``i % workers`` and was collated with the generator of (seed, epoch, rank, worker, i // workers)
@@ -27,9 +31,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_modules.cells import CellTable
 from data_modules.collate import CellCollator
+from scgpt.errors import DataError
 from scgpt.seeding import make_generator
 
 BUFFER_STREAM = 1  # an extra seed coordinate keeping buffer permutations apart from collation generators
+DOMAIN_STREAM = 2  # ... and the order of a group's single-domain batches apart from both
 
 
 class CellSource(Protocol):
@@ -41,16 +47,26 @@ class Block:
     source: int  # index of the store
     start: int  # first row
     stop: int  # one past the last row
+    domains: tuple[int, ...] = ()  # cells per domain code (domain sampler only)
 
     @property
     def n_cells(self) -> int:
         return self.stop - self.start
 
 
-def cut_blocks(row_ranges: Sequence[tuple[int, int]], block_size: int) -> tuple[Block, ...]:
-    """Contiguous blocks of at most ``block_size`` rows over each source's [start, stop) range."""
-    return tuple(Block(source, a, min(a + block_size, stop))
-                 for source, (start, stop) in enumerate(row_ranges) for a in range(start, stop, block_size))
+def cut_blocks(row_ranges: Sequence[tuple[int, int]], block_size: int,
+               domain_codes: Sequence[np.ndarray] | None = None) -> tuple[Block, ...]:
+    """Contiguous blocks of at most ``block_size`` rows over each source's [start, stop) range; with
+    ``domain_codes`` (per source, the domain code of each row in its range) each block counts its domains."""
+    blocks = []
+    n_domains = 1 + max((int(c.max()) for c in domain_codes if c.size), default=0) if domain_codes is not None else 0
+    for source, (start, stop) in enumerate(row_ranges):
+        for a in range(start, stop, block_size):
+            b = min(a + block_size, stop)
+            counts = () if domain_codes is None else \
+                tuple(np.bincount(domain_codes[source][a - start:b - start], minlength=n_domains).tolist())
+            blocks.append(Block(source, a, b, counts))
+    return tuple(blocks)
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,7 @@ class StreamPlan:
     shuffle: bool
     world_size: int = 1
     num_workers: int = 1
+    domain_key: str | None = None  # a label: every batch holds cells of one of its values (blocks count them)
 
     def epoch_blocks(self, epoch: int) -> list[Block]:
         if not self.shuffle:
@@ -76,8 +93,23 @@ class StreamPlan:
         return [mine[i:i + self.buffer_blocks] for i in range(0, len(mine), self.buffer_blocks)]
 
     def group_batches(self, group: list[Block]) -> int:
-        cells = sum(b.n_cells for b in group)
+        per_domain = [sum(c) for c in zip(*(b.domains for b in group))] if self.domain_key else []
+        return sum(self._batches(cells) for cells in per_domain or [sum(b.n_cells for b in group)])
+
+    def _batches(self, cells: int) -> int:
         return cells // self.batch_size if self.shuffle else -(-cells // self.batch_size)
+
+    def group_rows(self, order: np.ndarray, domains: np.ndarray | None, generator: torch.Generator) -> list[np.ndarray]:
+        """A group's batches as row indices: ``order`` (its permuted rows) cut into batches, or, with a
+        domain sampler, each domain's rows (in ``order``) cut into batches, put in an order from ``generator``."""
+        size = self.batch_size
+        if not self.domain_key:
+            return [order[j * size:(j + 1) * size] for j in range(self._batches(order.size))]
+        batches = []
+        for domain in np.unique(domains):
+            rows = order[domains[order] == domain]
+            batches += [rows[j * size:(j + 1) * size] for j in range(self._batches(rows.size))]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def batches_per_worker(self, epoch: int) -> int:
         return min(sum(self.group_batches(g) for g in self.worker_groups(epoch, r, w))
@@ -133,9 +165,14 @@ class CellBatchStream(IterableDataset):
             table = self._read(group)
             order = torch.randperm(table.n_cells,
                                    generator=make_generator(plan.seed, epoch, self.rank, worker, BUFFER_STREAM, index))
-            for j in range(n_batches):
+            domains = table.labels[plan.domain_key] if plan.domain_key else None
+            batches = plan.group_rows(order.numpy(), domains,
+                                      make_generator(plan.seed, epoch, self.rank, worker, DOMAIN_STREAM, index))
+            if len(batches) != plan.group_batches(group):
+                raise DataError(f"the cells of {plan.domain_key!r} changed since the blocks were counted (store "
+                                "rewritten during the run?); restart the run")
+            for rows in batches[:n_batches]:
                 if step >= skip:
-                    rows = order[j * plan.batch_size:(j + 1) * plan.batch_size].numpy()
                     generator = make_generator(plan.seed, epoch, self.rank, worker, step)
                     yield self.collator.collate_table(table, rows, generator)
                 step += 1
