@@ -37,7 +37,7 @@ class CellDataModule(L.LightningDataModule):
                  pad_value: float = -2.0, include_zero_genes: bool = False, generative_fraction: float = 0.5,
                  layout: str = "padded", min_vocab_overlap: float = 0.5, seed: int = 0,
                  cache_dir: str | None = None, val_split: dict[str, Any] | None = None,
-                 test_split: dict[str, Any] | None = None) -> None:
+                 test_split: dict[str, Any] | None = None, domain_key: str | None = None) -> None:
         super().__init__()
         if (paths is None) == (synthetic is None):
             raise ConfigError("data: set exactly one of data.paths (store paths or a manifest) or data.synthetic")
@@ -58,6 +58,9 @@ class CellDataModule(L.LightningDataModule):
                                      generative_fraction=generative_fraction, layout=layout)
         self.val_split = ObsSplit.parse("data.val_split", val_split)
         self.test_split = ObsSplit.parse("data.test_split", test_split)
+        if domain_key is not None and domain_key not in self.label_keys:
+            raise ConfigError(f"data.domain_key: {domain_key!r} is not in data.label_keys {self.label_keys}; add it")
+        self.domain_key = domain_key  # training batches of one value of this label (the domain sampler)
         self._split_rows: list[dict[str, np.ndarray]] | None = None
         self._sources: list[CellStore] | None = None
         self._streams: dict[str, CellBatchStream] = {}
@@ -197,9 +200,11 @@ class CellDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         for split in self.splits:
             sources, ranges = self.split_sources(split)
-            plan = StreamPlan(cut_blocks(ranges, self.block_size), self.per_device_batch_size, self.buffer_blocks,
-                              self.seed, shuffle=split == "train", world_size=world,
-                              num_workers=max(1, self.num_workers))
+            domain_key = self.domain_key if split == "train" else None
+            codes = self._domain_codes(sources, ranges) if domain_key else None
+            plan = StreamPlan(cut_blocks(ranges, self.block_size, codes), self.per_device_batch_size,
+                              self.buffer_blocks, self.seed, shuffle=split == "train", world_size=world,
+                              num_workers=max(1, self.num_workers), domain_key=domain_key)
             if plan.batches_per_rank(0) == 0:
                 raise ConfigError(f"data.block_size: {self.block_size}-cell blocks leave some of the {world} ranks x "
                                   f"{plan.num_workers} workers without a full {split} batch; lower data.block_size "
@@ -207,6 +212,17 @@ class CellDataModule(L.LightningDataModule):
             self._streams[split] = CellBatchStream(sources, self.label_keys, self.label_maps, vocab, plan,
                                                    collator, rank)
         self._apply_position()
+
+    def _domain_codes(self, sources, ranges) -> list[np.ndarray]:
+        """Dataset-wide ``domain_key`` code of every row in each source's range (for the domain sampler)."""
+        out = []
+        for source, codes_map, (start, stop) in zip(sources, self.label_maps[self.domain_key], ranges):
+            codes = source.read_obs(self.domain_key, start, stop)
+            if (codes < 0).any():
+                raise DataError(f"{getattr(source, 'path', 'store')}: {(codes < 0).sum()} training cells have no "
+                                f"{self.domain_key!r} (data.domain_key); the domain sampler needs one for every cell")
+            out.append(codes_map[codes])
+        return out
 
     def _apply_position(self) -> None:
         if "train" in self._streams:
@@ -243,7 +259,7 @@ class CellDataModule(L.LightningDataModule):
         world, workers = self._layout()
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "seed": self.seed, "epoch": self._epoch,
                 "batches_done": self._skip + self.batches_done, "world_size": world, "num_workers": workers,
-                "splits": self._split_state()}
+                "splits": self._split_state(), "domain_key": self.domain_key}
 
     def _split_state(self) -> list | None:
         """The obs splits, which decide the training cells (None without them)."""
@@ -264,6 +280,9 @@ class CellDataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_split / data.test_split: the checkpoint was trained with splits "
                               f"{state.get('splits')} ([val, test] as [key, values]), now {self._split_state()}; "
                               "resume with the same splits")
+        if state.get("domain_key") != self.domain_key:
+            raise ConfigError(f"data.domain_key: the checkpoint was trained with domain_key={state.get('domain_key')}, "
+                              f"now {self.domain_key}; resume with the same (it decides the data order)")
         epoch, done = int(state["epoch"]), int(state["batches_done"])
         if done and (state["world_size"], state["num_workers"]) != self._layout():
             raise ConfigError(f"trainer.devices / data.num_workers: the checkpoint stopped mid-epoch with "

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from data_modules.cells import CellTable
 from data_modules.collate import CellCollator, CollatorConfig
 from data_modules.stream import CellBatchStream, StreamPlan, cut_blocks
+from scgpt.errors import ConfigError
 from scgpt.tokenizer.vocab import GeneVocab
 
 VOCAB = GeneVocab.from_genes([f"G{i}" for i in range(40)])
@@ -143,3 +144,50 @@ def test_resuming_with_the_domain_sampler_and_two_workers_matches_uninterrupted(
     full = loader(0)
     assert full == _rank_batches(1, 0, workers=2)
     assert loader(7) == full[7:]
+
+
+# ---- through the data module --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def batched_store(tmp_path_factory):
+    from data_modules.store import write_store
+    from data_modules.synthetic import make_synthetic_adata
+
+    path = tmp_path_factory.mktemp("domain") / "cells.zarr"
+    adata = make_synthetic_adata(n_cells=600, n_genes=40, n_cell_types=3, n_batches=3, seed=0)
+    write_store(adata, path, obs_keys=["cell_type", "batch"], seed=1)
+    return str(path)
+
+
+def _dm(path, **options):
+    from data_modules.datamodule import CellDataModule
+
+    options = {"label_keys": ["cell_type", "batch"], "val_fraction": 0.2, "block_size": 40, "buffer_blocks": 3,
+               "per_device_batch_size": 10, "max_seq_len": 32, "seed": 3, "domain_key": "batch", **options}
+    dm = CellDataModule(paths=[path], **options)
+    dm.setup()
+    return dm
+
+
+def _labels(loader, key="batch"):
+    return [b.labels[key].tolist() for b in loader]
+
+
+def test_data_module_trains_on_single_domain_batches_and_resumes_exactly(batched_store):
+    dm = _dm(batched_store)
+    train = _labels(dm.train_dataloader())
+    assert len(train) >= 30 and all(len(set(b)) == 1 for b in train)
+    assert len({b[0] for b in train}) == 3
+    assert any(len(set(b)) > 1 for b in _labels(dm.val_dataloader()))  # validation batches stay mixed
+    state = {**dm.state_dict(), "batches_done": 7}
+    assert state["domain_key"] == "batch"
+    resumed = _dm(batched_store)
+    resumed.load_state_dict(state)
+    tokens = lambda d: [b.gene_ids.tolist() for b in d.train_dataloader()]  # noqa: E731
+    assert tokens(resumed) == tokens(dm)[7:]
+    with pytest.raises(ConfigError, match="data.domain_key: the checkpoint was trained with domain_key=batch, now None"):
+        _dm(batched_store, domain_key=None).load_state_dict(state)
+
+
+def test_domain_key_must_be_a_label_key(batched_store):
+    with pytest.raises(ConfigError, match=r"data.domain_key: 'donor' is not in data.label_keys"):
+        _dm(batched_store, domain_key="donor")
