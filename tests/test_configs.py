@@ -47,6 +47,8 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, store_p
         overrides = [o for o in overrides if not o.startswith("data.synthetic")] + [f"data.paths=[{store_path}]"]
     if (group, option) == ("task", "vae"):  # the VAE baseline runs as model=vae task=vae
         overrides.append("model=vae")
+    if (group, option) == ("task", "multiomic"):  # needs a second modality (var feature_type) in the data
+        overrides.append("+data.synthetic.n_proteins=8")
     cfg = compose_config(tmp_path, *overrides)
     datamodule = instantiate(cfg.data)
     settings = model_settings(cfg, datamodule)

@@ -50,6 +50,10 @@ def prepare_init_from(cfg: DictConfig, datamodule) -> CheckpointContents | None:
         raise CheckpointError(f"init_from={path}: no such checkpoint or export; give a last.ckpt, an export "
                               "directory or an original scGPT model directory")
     contents = read_checkpoint(path, cfg.get("init_vocab"))
+    if cfg.task.get("new_feature_tokens"):  # task=multiomic: ADT / ATAC features the checkpoint never saw
+        from scgpt.tasks.multiomic import add_feature_tokens
+
+        add_feature_tokens(contents, datamodule, int(cfg.seed), float(cfg.data.get("min_vocab_overlap", 0.5)))
     genes = list(dict.fromkeys(g for store in datamodule.sources for g in store.var_names))
     known = sum(g in contents.vocab and g not in SPECIAL_TOKENS for g in genes) / max(len(genes), 1)
     report = vocab_overlap_report(contents.vocab, genes)
@@ -74,6 +78,10 @@ def task_model_settings(cfg: DictConfig, datamodule, settings: dict[str, Any],
     for key, label in AUTO_LABELS.items():
         if heads.get(key) == "auto":
             heads[key] = _count_classes(cfg, datamodule, label)
+    if heads.get("n_modalities") == "auto":  # task=multiomic: refuses data without a second modality
+        from scgpt.tasks.multiomic import modality_embedding_size
+
+        heads["n_modalities"] = modality_embedding_size(datamodule)
     if init is not None:
         ckpt = init.config.to_dict()
         changed = {k: (settings[k], ckpt[k]) for k in ckpt if k not in TASK_KEYS and k in settings
