@@ -647,7 +647,7 @@ def _validate_and_write(sources: list[_Source], out: str | os.PathLike, *, vocab
         tokens = sorted(vocab.token_to_id.items(), key=lambda kv: kv[1])
         uns = dict(extra_uns or {}, scgpt_store=meta, scgpt_vocab={
             "tokens": np.array([t for t, _ in tokens], dtype=object), "ids": np.array([i for _, i in tokens])})
-        with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=True), warnings.catch_warnings():
+        with anndata_writing(zarr_write_format=3, auto_shard_zarr_v3=True), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ad.io.write_elem(group, "obs", writer.obs())
             ad.io.write_elem(group, "var", var)
@@ -699,6 +699,14 @@ def convert_to_store(inputs: Sequence[str | os.PathLike], out: str | os.PathLike
     return _write_store(sources, out, vocab=vocab, vocab_name=vocab_name, obs_keys=obs_keys,
                         min_vocab_overlap=min_vocab_overlap, chunk_cells=chunk_cells, seed=seed,
                         overwrite=overwrite, created_by=created_by, progress=progress)
+
+
+def anndata_writing(**settings):
+    """``anndata.settings.override`` for our writes, also letting anndata write pandas >= 3's nullable
+    strings (pandas 3 infers them for every string column and index; anndata refuses them by default)."""
+    if hasattr(ad.settings, "allow_write_nullable_strings"):
+        settings.setdefault("allow_write_nullable_strings", True)
+    return ad.settings.override(**settings)
 
 
 def write_store(adata: ad.AnnData, out: str | os.PathLike, *, vocab: GeneVocab | None = None,

@@ -285,8 +285,11 @@ def _output_skeleton(path: Path, out_tmp: Path, rows: RowSource) -> None:
         return
     import zarr
 
+    from data_modules.store import anndata_writing
+
     obs = ad.io.read_elem(zarr.open_group(str(path), mode="r")["obs"])
-    ad.AnnData(obs=obs, var=rows.var).write_h5ad(out_tmp)
+    with anndata_writing():
+        ad.AnnData(obs=obs, var=rows.var).write_h5ad(out_tmp)
 
 
 def _write_umap(embedding: np.ndarray, png: Path) -> None:
