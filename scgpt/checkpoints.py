@@ -358,7 +358,8 @@ def _from_lightning(checkpoint: dict[str, Any], path: Path, kind: str, vocab_pat
     tokenizer = tokenizer_settings(vocab, {**_defaults_from_config(cfg), **run_data, **(extra.get("tokenizer") or {})})
     metadata = {"global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch"),
                 "cells_seen": extra.get("cells_seen"), "data_fingerprint": extra.get("data_fingerprint"),
-                "attention_backend": extra.get("attention_backend"), "summary": summary}
+                "attention_backend": extra.get("attention_backend"), "summary": summary,
+                "labels": extra.get("labels"), "cls_label_key": extra.get("cls_label_key")}  # class names (annotation)
     return CheckpointContents(state, cfg, vocab, tokenizer, source, kind, metadata)
 
 
