@@ -108,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="packed sdpa/reference: attend cells of similar length together (see attention.py)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: bf16 table)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps torch's default")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS more steps of each variant: a 'profile' line (wall, device-busy "
+                        "and host-side ms per step, kernels per step) and the top operators on stderr")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine")
@@ -243,6 +246,35 @@ def time_interleaved(args, variants: dict[str, tuple[StepFn, list[CellBatch]]], 
     return seconds
 
 
+def profile_variants(args, variants: dict[str, tuple[StepFn, list[CellBatch]]], device: torch.device,
+                     common: dict) -> None:
+    """Where a step's time goes: device-busy time (kernels) against wall time says whether the step is
+    bound by the GPU or by the host launching work; the operator table says which work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for name, (step, batches) in variants.items():
+        chosen = batches[-args.profile:]
+        sync()
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for batch in chosen:
+                step(batch)
+            sync()
+            wall = (time.perf_counter() - start) / len(chosen)
+        events = prof.key_averages()
+        on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels, memcpy, memset
+        device_us = sum(e.self_device_time_total for e in on_device) / len(chosen)
+        kernels = sum(e.count for e in on_device) / len(chosen)
+        emit(dict(kind="profile", variant=name, steps=len(chosen), wall_ms_per_step=wall * 1e3,
+                  device_busy_ms_per_step=device_us / 1e3, device_busy_fraction=device_us / 1e6 / wall,
+                  kernels_per_step=kernels, **common))
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"== profile {name}", file=sys.stderr)
+        print(events.table(sort_by=sort, row_limit=18, max_name_column_width=60), file=sys.stderr)
+
+
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
@@ -291,7 +323,8 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
     real_tokens = statistics.mean(b.n_tokens for b in timed)
     flops = statistics.mean(count_flops(cfg, b.layout.lengths).training_step for b in timed)
     peak = args.peak_tflops or (peak_tflops(device_name(device), "bf16") if args.dtype == "bfloat16" else None)
-    results = time_interleaved(args, build_variants(args, cfg, shape_name, batches, device), device)
+    variants = build_variants(args, cfg, shape_name, batches, device)
+    results = time_interleaved(args, variants, device)
     for name, seconds in results.items():
         median = statistics.median(seconds)
         emit(dict(kind="train_step", shape=shape_name, n_layers=cfg.n_layers, variant=name,
@@ -300,6 +333,8 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
                   tokens_per_s=real_tokens / median, tflops_per_s=flops / median / 1e12,
                   mfu=mfu(flops, median, peak), peak_tflops=peak, flops_per_step=flops,
                   padded_tokens_per_batch=padded_tokens, real_tokens_per_batch=real_tokens, **common))
+    if args.profile:
+        profile_variants(args, variants, device, common)
     return results
 
 
