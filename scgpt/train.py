@@ -195,7 +195,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "tokens_per_s": throughput.tokens_per_s,
         "tflops_per_device": throughput.tflops_per_s,
         "mfu": throughput.mfu,
-        "peak_memory_gib": _peak_memory_gib(task),
+        "peak_memory_gib": _peak_memory_gib(trainer),
         "attention_backend": task.model.attention_backend,
         "checkpoint": str(last),
         "resumed_from": resume,
@@ -211,10 +211,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _peak_memory_gib(task) -> float | None:
-    """Peak memory allocated on this process's GPU during the run (None on CPU)."""
-    device = getattr(task, "device", None)
-    if device is None or device.type != "cuda":
+def _peak_memory_gib(trainer: L.Trainer) -> float | None:
+    """Peak memory allocated on this process's GPU during the run (None on CPU). The strategy's device:
+    the module itself is back on the CPU once fit ends."""
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
 

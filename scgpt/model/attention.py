@@ -246,8 +246,32 @@ def differentiable_lse(lse: Tensor, q: Tensor, k: Tensor, kernel: VarlenKernel, 
     return lse.detach() + (via_q - via_q.detach()) + (via_k - via_k.detach())
 
 
+class _Permute(torch.autograd.Function):
+    """``x[order]`` for a permutation ``order``, with the backward as the inverse gather ``grad[inverse]``
+    (``index_select``'s backward is an atomic ``index_add_``, slow on GPUs in bf16)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_tokens(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+    """(T, ...) tokens reordered by the permutation ``order`` (``inverse`` undoes it)."""
+    return _Permute.apply(x, order, inverse)
+
+
 class GenerativeSplit:
-    """Known and generated tokens of packed cells as index tensors and cu_seqlens (no host syncs later)."""
+    """Known and generated tokens of packed cells as one permutation and cu_seqlens (no host syncs later).
+
+    ``order`` puts every known token first (cells stay grouped and in order), then every generated one;
+    ``restore`` is its inverse.
+    """
 
     def __init__(self, cu_seqlens: Tensor, gen_mask: Tensor) -> None:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -256,9 +280,10 @@ class GenerativeSplit:
         n_known = torch.zeros_like(lengths).index_add_(0, seq_ids, known.long())  # (B,)
         self.cu_known, self.cu_gen = _cumulative(n_known), _cumulative(lengths - n_known)
         self.max_known, self.max_gen = int(n_known.max()), int((lengths - n_known).max())
-        self.known_idx = known.nonzero().squeeze(1)  # (Tk,) in cell order: cells stay grouped
-        self.gen_idx = gen_mask.nonzero().squeeze(1)  # (Tg,)
-        self.restore = torch.cat([self.known_idx, self.gen_idx]).argsort()  # (T,) back to token order
+        known_idx = known.nonzero().squeeze(1)  # (Tk,) in cell order: cells stay grouped
+        self.n_known = int(known_idx.numel())
+        self.order = torch.cat([known_idx, gen_mask.nonzero().squeeze(1)])  # (T,)
+        self.restore = self.order.argsort()  # (T,) back to token order
 
 
 def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, gen_mask: Tensor,
@@ -272,18 +297,18 @@ def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
     Packed tokens are contiguous per cell, so selecting known or generated tokens keeps cells grouped.
     """
     split = split or GenerativeSplit(cu_seqlens, gen_mask)
-    qk, kk, vk = (t.index_select(0, split.known_idx) for t in (q, k, v))  # (Tk, H, Dh)
-    out_known = kernel(qk, kk, vk, split.cu_known, split.cu_known, split.max_known, split.max_known)[0]
     if split.max_gen == 0:
-        return out_known
-    qg, kg, vg = (t.index_select(0, split.gen_idx) for t in (q, k, v))  # (Tg, H, Dh)
+        return kernel(q, k, v, cu_seqlens, cu_seqlens, split.max_known, split.max_known)[0]
+    (qk, qg), (kk, kg), (vk, vg) = (permute_tokens(t, split.order, split.restore).split(
+        [split.n_known, t.shape[0] - split.n_known]) for t in (q, k, v))  # (Tk, H, Dh), (Tg, H, Dh)
+    out_known = kernel(qk, kk, vk, split.cu_known, split.cu_known, split.max_known, split.max_known)[0]
     cross, lse = kernel(qg, kk, vk, split.cu_gen, split.cu_known, split.max_gen, split.max_known)  # (Tg, H, Dh), (Tg, H)
     lse = differentiable_lse(lse, qg, kk, kernel, split.cu_gen, split.cu_known, split.max_gen, split.max_known)
     self_score = (qg.float() * kg.float()).sum(-1) / math.sqrt(q.shape[-1])  # (Tg, H)
     top = torch.maximum(lse, self_score)
     w_cross, w_self = torch.exp(lse - top)[..., None], torch.exp(self_score - top)[..., None]
     out_gen = ((w_cross * cross.float() + w_self * vg.float()) / (w_cross + w_self)).to(q.dtype)
-    return torch.cat([out_known, out_gen]).index_select(0, split.restore)
+    return permute_tokens(torch.cat([out_known, out_gen]), split.restore, split.order)
 
 
 class VarlenAttention(AttentionBackend):
