@@ -54,7 +54,7 @@ want profile && step profile_b32 100 $BENCH --backends flash_attn --batch-size 3
 # Cells of 300-1200 expressed genes (median ~900): the synthetic generator at 10k genes.
 TRAIN=(scgpt-train trainer=gpu model=scgpt_whole_human logger=none model.attention_backend=flash_attn
        data.layout=packed data.synthetic.n_cells=30000 data.synthetic.n_genes=10000 data.num_workers=8 data.block_size=128
-       data.global_batch_size=64 data.per_device_batch_size=64 trainer.max_steps=200
+       data.global_batch_size=128 data.per_device_batch_size=128 trainer.max_steps=150 task.module.fused_adamw=true
        trainer.val_check_interval=100000 trainer.enable_progress_bar=false checkpoint.every_n_train_steps=100000)
 want train && for strategy in ddp deepspeed_zero2; do
   step "train_$strategy" 120 $PY -m scgpt.train "${TRAIN[@]:1}" strategy=$strategy "hydra.run.dir=/tmp/runs/$strategy"
