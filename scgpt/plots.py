@@ -145,3 +145,80 @@ def plot_embedding(coords, labels: Sequence[Any], path: str | Path, title: str =
         return [_save(fig, Path(path))]
     finally:
         plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2-D maps of cell embeddings (integration, zero-shot embedding)
+# ------------------------------------------------------------------------------------------------
+MAP_METHODS = ("auto", "umap", "pca")
+
+
+def embedding_2d(emb, seed: int = 0, method: str = "auto"):
+    """(N, 2) coordinates of an (N, D) embedding and the method used: UMAP with umap-learn (the ``umap``
+    extra), PCA otherwise; ``auto`` takes UMAP when it is installed and logs a note when it falls back."""
+    import numpy as np
+
+    if method not in MAP_METHODS:
+        from scgpt.errors import ConfigError
+
+        raise ConfigError(f"task.module.embedding_map: unknown value {method!r}; choose one of {', '.join(MAP_METHODS)}")
+    emb = np.asarray(emb, dtype=np.float32)
+    if method in ("auto", "umap") and len(emb) > 16:
+        try:
+            import umap  # type: ignore[import-not-found]
+        except ImportError:
+            if method == "umap":
+                from scgpt.errors import ConfigError
+
+                raise ConfigError("task.module.embedding_map=umap: umap-learn is not installed; "
+                                  "pip install 'scgpt[umap]', or use embedding_map=pca") from None
+            log.info("embedding map: umap-learn is not installed, drawing PCA instead (pip install 'scgpt[umap]')")
+        else:
+            import warnings
+
+            with warnings.catch_warnings():  # "n_jobs overridden by setting random_state": seeded is intended
+                warnings.simplefilter("ignore", UserWarning)
+                reducer = umap.UMAP(n_neighbors=min(15, len(emb) - 1), min_dist=0.3, random_state=seed, n_epochs=200)
+                return reducer.fit_transform(emb), "UMAP"
+    centred = emb - emb.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    return (xy if xy.shape[1] == 2 else np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))), "PCA"
+
+
+def plot_cell_maps(embeddings: dict[str, Any], colourings: dict[str, tuple[Any, Sequence[str]]], path: str | Path,
+                   seed: int = 0, method: str = "auto", max_cells: int = 5000) -> list[Path]:
+    """One row per embedding (``{"scGPT": emb, "PCA": pca}``), one column per colouring (``{"batch": (codes,
+    names)}``; code -1 = missing, grey). At most ``max_cells`` cells, the same seeded sample in every panel."""
+    plt = _pyplot()
+    if plt is None or not embeddings or not colourings:
+        return []
+    import numpy as np
+
+    n = len(next(iter(embeddings.values())))
+    keep = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False)) if n > max_cells else np.arange(n)
+    fig, axes = plt.subplots(len(embeddings), len(colourings), squeeze=False,
+                             figsize=(4.5 * len(colourings), 4 * len(embeddings)))
+    for row, (name, emb) in zip(axes, embeddings.items()):
+        xy, used = embedding_2d(np.asarray(emb)[keep], seed, method)
+        for ax, (key, (codes, names)) in zip(row, colourings.items()):
+            _scatter_by_label(ax, xy, np.asarray(codes)[keep], names)
+            ax.set_title(f"{name}: {used} by {key}")
+    try:
+        return [_save(fig, Path(path))]
+    finally:
+        plt.close(fig)
+
+
+def _scatter_by_label(ax, xy, codes, names: Sequence[str]) -> None:
+    missing = codes < 0
+    if missing.any():
+        ax.scatter(xy[missing, 0], xy[missing, 1], s=3, c="lightgrey", label="NA")
+    for code, name in enumerate(names):
+        chosen = codes == code
+        if chosen.any():
+            ax.scatter(xy[chosen, 0], xy[chosen, 1], s=3, label=str(name))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(names) <= 20:
+        ax.legend(markerscale=3, fontsize=7, loc="best")

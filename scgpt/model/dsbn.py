@@ -4,7 +4,10 @@ dimension, as used by scGPT's integration (Chang et al. 2019, "Domain-Specific B
 Each domain has its own affine weight and bias and its own running mean and variance. In training the
 tokens of each domain present in the batch are normalised with that domain's batch statistics, computed
 over real tokens only (padding never enters them), and the domain's running statistics are updated; in
-evaluation every token is normalised with its domain's running statistics. A batch may hold several
+evaluation every token is normalised with its domain's running statistics. These are an exponential moving
+average with ``momentum``, except that a domain's first batches are averaged equally (the weight of the
+n-th update is ``max(momentum, 1 / n)``), so that they hold no trace of their initial values even after a
+short finetuning (the bias a plain BatchNorm has for its first ~1/momentum batches). A batch may hold several
 domains (each is normalised on its own); the domain sampler of :mod:`data_modules.stream` makes
 batches of one domain, which is what the original trains with. Statistics are per process, like
 ``nn.BatchNorm1d`` (not synchronised across ranks).
@@ -56,7 +59,8 @@ class DomainSpecificBatchNorm(nn.Module):
     @torch.no_grad()
     def _update_running(self, mean: Tensor, var: Tensor, counts: Tensor, present: Tensor) -> None:
         unbiased = var * (counts / (counts - 1).clamp_min(1))[:, None]  # like BatchNorm's running_var
-        m = self.momentum * present.to(mean.dtype)[:, None]  # (K, 1): absent domains keep their statistics
+        n = (self.num_batches_tracked + 1).to(mean.dtype)  # (K,) this update's number, per domain
+        m = (torch.clamp(1.0 / n, min=self.momentum) * present.to(mean.dtype))[:, None]  # (K, 1); absent: 0
         self.running_mean.mul_(1 - m).add_(m * mean)
         self.running_var.mul_(1 - m).add_(m * unbiased)
         self.num_batches_tracked.add_(present.long())

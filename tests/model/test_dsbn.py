@@ -37,10 +37,10 @@ def test_each_domain_is_normalised_with_its_own_statistics_of_real_tokens():
         out = y[d][real[d]]  # (n/2, D)
         assert torch.allclose(out.mean(0), torch.zeros(8), atol=1e-5)
         assert torch.allclose(out.var(0, unbiased=False), torch.ones(8), atol=1e-3)
-    # the two domains moved their own running statistics (momentum 0.1), the absent third did not move
-    assert torch.allclose(norm.running_mean[0], 0.1 * x[0][real[0]].mean(0), atol=1e-5)
-    assert torch.allclose(norm.running_mean[1], 0.1 * x[1][real[1]].mean(0), atol=1e-5)
-    assert norm.running_mean[0].mean() > 0.3 and norm.running_mean[1].mean() < -0.2
+    # each domain's first update sets its own running statistics; the absent third keeps its initial ones
+    assert torch.allclose(norm.running_mean[0], x[0][real[0]].mean(0), atol=1e-5)
+    assert torch.allclose(norm.running_mean[1], x[1][real[1]].mean(0), atol=1e-5)
+    assert norm.running_mean[0].mean() > 3 and norm.running_mean[1].mean() < -2
     assert torch.equal(norm.running_mean[2], torch.zeros(8)) and torch.equal(norm.running_var[2], torch.ones(8))
     assert norm.num_batches_tracked.tolist() == [1, 1, 0]
     # one shared BatchNorm would leave the domains apart; DSBN maps both onto the same standard scale
@@ -48,9 +48,22 @@ def test_each_domain_is_normalised_with_its_own_statistics_of_real_tokens():
     assert (shared[: x.shape[1] // 2].mean() - shared[x.shape[1] // 2:].mean()).abs() > 1.0
 
 
+def test_running_statistics_average_the_first_batches_then_move_with_momentum():
+    norm = DomainSpecificBatchNorm(4, 1, momentum=0.1).train()
+    means = [float(v) for v in range(1, 16)]
+    for mean in means:  # batches of constant tokens: the batch mean is exactly `mean`
+        norm(torch.full((1, 6, 4), mean) + torch.tensor([1.0, -1.0] * 3)[None, :, None], torch.zeros(1, 6).long(),
+             torch.ones(1, 6, dtype=torch.bool))
+    expected = sum(means[:10]) / 10  # updates 1..10 weigh 1/n (>= 0.1): the plain average of the first ten
+    for mean in means[10:]:
+        expected = 0.9 * expected + 0.1 * mean  # then an exponential moving average with momentum 0.1
+    assert torch.allclose(norm.running_mean[0], torch.full((4,), expected), atol=1e-4)
+    assert norm.num_batches_tracked.tolist() == [15]
+
+
 def test_evaluation_uses_running_statistics_per_domain():
     x, domains, real = _two_domains()
-    norm = DomainSpecificBatchNorm(8, 2, momentum=1.0).train()  # momentum 1: running = last batch's statistics
+    norm = DomainSpecificBatchNorm(8, 2).train()  # one update: running = this batch's statistics
     with torch.no_grad():
         norm.weight.mul_(2.0)
         norm.bias.add_(0.5)
