@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from data_modules.collate import CellCollator, CollatorConfig
 from scgpt.checkpoints import load_pretrained, vocab_overlap_report
-from scgpt.errors import ConfigError, DataError, ScgptError
+from scgpt.errors import CheckpointError, ConfigError, DataError, ScgptError
 from scgpt.model.layout import TokenLayout
 from scgpt.seeding import make_generator
 from scgpt.tokenizer.vocab import SPECIAL_TOKENS, GeneVocab
@@ -65,6 +65,10 @@ def load(path: str | os.PathLike, vocab: str | None = None, attention_backend: s
     """-> (eval-mode ScGPTModel, CellTokenizer) from a native export, a Lightning checkpoint or an original
     scGPT directory (see :func:`scgpt.checkpoints.load_pretrained`)."""
     model, gene_vocab, settings = load_pretrained(path, vocab, attention_backend)
+    if model.cfg.dsbn != "off":
+        raise CheckpointError(f"{path}: model.dsbn={model.cfg.dsbn}: the model normalises each batch with its own "
+                              "statistics and scgpt-embed has no batch labels; embed with scgpt-train task=embed "
+                              f"init_from={path} (data.label_keys with the batch column)")
     return model, CellTokenizer(gene_vocab, settings)
 
 

@@ -134,6 +134,10 @@ def test_dsbn_model_exports_natively_with_running_statistics_and_refuses_the_ori
         a = model(gene_ids, values, TokenLayout(padding_mask=padding), batch_labels=labels).cell_emb
         b = loaded(gene_ids, values, TokenLayout(padding_mask=padding), batch_labels=labels).cell_emb
     assert torch.equal(a, b)
+    from scgpt.embed import load
+
+    with pytest.raises(CheckpointError, match="model.dsbn=output: .* scgpt-embed has no batch labels"):
+        load(tmp_path / "native")
     with pytest.raises(CheckpointError, match="model.dsbn=output: domain-specific batch norm is not exported"):
         export(checkpoint, tmp_path / "orig", fmt="scgpt")
     assert not (tmp_path / "orig").exists()
