@@ -80,12 +80,21 @@ class ScGPTModel(nn.Module):
         states = self.transformer_encoder(x, layout, gen_mask)
         if self.cfg.dsbn == "output":
             states = self.domain_norm(states, layout, batch_labels)
-        return states, gene_embs, self.pool(states, values, layout)
+        cell_emb = self.pool(states, values, layout)  # (B, D)
+        if self.cfg.dsbn == "cell":  # statistics over the cells of each batch label
+            labels = self._require_labels(batch_labels)  # (B,)
+            cell_emb = self.dsbn(cell_emb, labels, torch.ones_like(labels, dtype=torch.bool))
+        return states, gene_embs, cell_emb
+
+    @staticmethod
+    def _require_labels(batch_labels: Tensor | None) -> Tensor:
+        if batch_labels is None:
+            raise ValueError("this model has domain-specific batch norm (model.dsbn); pass batch_labels")
+        return batch_labels
 
     def domain_norm(self, x: Tensor, layout: TokenLayout, batch_labels: Tensor | None) -> Tensor:
         """DSBN of per-token tensors (B, L, D) | (T, D) with the statistics of each cell's batch label."""
-        if batch_labels is None:
-            raise ValueError("this model has domain-specific batch norm (model.dsbn); pass batch_labels")
+        batch_labels = self._require_labels(batch_labels)
         domains = batch_labels[layout.seq_ids] if layout.is_packed else batch_labels[:, None].expand(x.shape[:2])
         return self.dsbn(x, domains, layout.token_mask())  # domains, mask: (B, L) | (T,)
 

@@ -79,7 +79,7 @@ def test_evaluation_uses_running_statistics_per_domain():
     assert torch.allclose(alone, trained[1:, :5], rtol=0.05, atol=0.05)  # ~ training output (biased var there)
 
 
-@pytest.mark.parametrize("place", ["input", "output"])
+@pytest.mark.parametrize("place", ["input", "output", "cell"])
 def test_model_dsbn_padded_equals_packed_and_domains_differ(place):
     torch.manual_seed(0)
     model = ScGPTModel(tiny_config(n_batch_labels=2, dsbn=place)).train()
@@ -88,7 +88,8 @@ def test_model_dsbn_padded_equals_packed_and_domains_differ(place):
     padded = model(gene_ids, values, TokenLayout(padding_mask=padding), batch_labels=labels)
     ids_packed, layout = pack_padded(gene_ids, padding)
     packed = model(ids_packed, values[~padding], layout, batch_labels=labels)
-    assert torch.allclose(padded.cell_emb, packed.cell_emb, atol=1e-5)
+    tol = 1e-3 if place == "cell" else 1e-5  # "cell": two cells per domain, float noise divided by a small std
+    assert torch.allclose(padded.cell_emb, packed.cell_emb, atol=tol)
     assert torch.allclose(padded.token_states[~padding], packed.token_states, atol=1e-5)
     model.eval()
     with torch.no_grad():  # the same cells under the other label get the other domain's running statistics
