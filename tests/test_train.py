@@ -124,3 +124,26 @@ def test_resume_refuses_a_checkpoint_of_other_data(tmp_path):
     first = train(compose_config(tmp_path / "a", *FAST))
     with pytest.raises(Exception, match="fingerprint differs"):
         train(compose_config(tmp_path / "b", *FAST, "data.synthetic.seed=5", f"ckpt_path={first['checkpoint']}"))
+
+
+def test_fused_adamw_clips_gradients_under_bf16_mixed_precision(tmp_path):
+    """Lightning refuses gradient clipping for fused AdamW under any mixed precision; without an fp16 grad
+    scaler (bf16-mixed, as trainer=gpu) the task clips itself, and the clipped norm is at most the limit."""
+    from scgpt.tasks.base import TrainingTask
+
+    norms = []
+    original = TrainingTask.configure_gradient_clipping
+
+    def recording(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        original(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    TrainingTask.configure_gradient_clipping = recording
+    try:
+        summary = train(compose_config(tmp_path, *FAST, "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0.01",
+                                       "task.module.fused_adamw=true"))
+    finally:
+        TrainingTask.configure_gradient_clipping = original
+    assert summary["global_step"] == 4 and len(norms) == 4
+    assert max(norms) <= 0.01 * 1.01

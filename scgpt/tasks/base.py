@@ -56,5 +56,20 @@ class TrainingTask(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning refuses to clip for optimizers that unscale gradients themselves (fused AdamW) under any
+        mixed precision, but only an fp16 ``GradScaler`` makes that unsafe: without one (bf16-mixed), clip
+        here exactly as Lightning would."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not (gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False) and scaler is None):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.cells_seen = int(checkpoint.get("scgpt", {}).get("cells_seen", 0))
