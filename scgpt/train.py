@@ -144,6 +144,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_resume(resume, cfg)  # ZeRO shards vs strategy and world size, before any work
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = build(cfg.data)
+    if cfg.task.get("data_module"):  # tasks that pair cells (task=perturbation) wrap the cell data module
+        datamodule = build(cfg.task.data_module, cells=datamodule)
     init = prepare_init_from(cfg, datamodule)  # init_from=: its vocabulary for the data, its weights read
     model = model_settings(cfg, datamodule, init)
     task = build_task(cfg, model)
