@@ -1,12 +1,18 @@
-"""Gene regulatory network from the model's gene embeddings, scored against a planted network.
+"""Gene regulatory networks from a trained model, scored against the planted network of the synthetic store.
 
-The planted network is read from the store's ``uns/gene_programs`` (the synthetic generator records it):
-the first gene of each program is taken as its regulator and the other genes as its targets. The model's
-network scores a gene pair by the cosine similarity of the two genes' input embeddings; the baseline scores
-it by the Pearson correlation of their binned expression in the validation cells. Both are ranked over all
-ordered pairs of measured genes (self pairs excluded): AUPRC and early precision (precision in the top |E|
-pairs) against random (the edge density). Gene embeddings are symmetric, so direction is not scored beyond
-the planted orientation. Not done yet: attention-based networks per cell state or perturbation.
+The planted network is read from the store's ``uns/regulatory_network`` (regulator -> target edges the
+generator planted: ``scgpt-data synth`` / ``data.synthetic`` with ``n_regulators > 0``), else from
+``uns/gene_programs`` (the first gene of each program as regulator of the others). Three networks are
+ranked over all ordered pairs of measured genes (self pairs excluded), each with AUPRC and early precision
+(precision in the top |E| pairs) against random (the edge density):
+
+- ``grn_*``: cosine similarity of the two genes' input embeddings (symmetric);
+- ``attn/grn_*``: attention of encoder layer ``attention_layer`` for a cell state (``state_key`` =
+  ``state_value``, or all validation cells): the pair regulator -> target scores how much the target's
+  token attends to the regulator's token, averaged over heads and over the cells where both genes are
+  expressed, each query row scaled by its cell's token count (uniform attention = 1). Inputs are the
+  cells' true values (no masking), as in scGPT's attention-based GRN;
+- ``coexpr/grn_*``: Pearson correlation of binned expression in the validation cells, the baseline.
 """
 
 from __future__ import annotations
@@ -15,32 +21,74 @@ import logging
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from data_modules.collate import CellBatch
+from scgpt.errors import ConfigError
 from scgpt.metrics import edge_recovery
+from scgpt.model.attention_maps import attention_maps
 from scgpt.tasks.finetune import FinetuneTask
 
 log = logging.getLogger(__name__)
 
 
-def planted_network(store_path, vocab) -> tuple[np.ndarray, np.ndarray] | None:
-    """(gene vocabulary ids (G,), boolean regulator->target matrix (G, G)) from ``uns/gene_programs``."""
+def planted_network(store_path, vocab) -> tuple[np.ndarray, set[tuple[int, int]]] | None:
+    """(vocabulary ids of the network's genes, {(regulator id, target id)}) of a synthetic store, or None."""
     import anndata as ad
     import zarr
 
     group = zarr.open_group(str(store_path), mode="r")
-    if "uns" not in group or "gene_programs" not in group["uns"]:
+    uns = group["uns"] if "uns" in group else {}
+    if "regulatory_network" in uns:
+        network = ad.io.read_elem(uns["regulatory_network"])
+        pairs = zip(map(str, network["regulator"]), map(str, network["target"]))
+        edges = {(vocab[a], vocab[b]) for a, b in pairs if a in vocab and b in vocab and a != b}
+    elif "gene_programs" in uns:
+        edges = set()
+        for genes in ad.io.read_elem(uns["gene_programs"]).values():
+            ids = [vocab[str(g)] for g in genes if str(g) in vocab]
+            edges.update((ids[0], t) for t in ids[1:] if t != ids[0])
+    else:
         return None
-    programs = ad.io.read_elem(group["uns"]["gene_programs"])
-    edges = set()
-    for genes in programs.values():
-        ids = [vocab[str(g)] for g in genes if str(g) in vocab]
-        edges.update((ids[0], t) for t in ids[1:] if t != ids[0]) if ids else None
     genes = np.array(sorted({g for e in edges for g in e}), dtype=np.int64)
     return genes, edges
 
 
+class AttentionNetwork:
+    """Sums of scaled attention (query gene, key gene) and their counts over cells, on vocabulary ids."""
+
+    def __init__(self, n_genes: int) -> None:
+        self.n_genes = n_genes
+        self.total = torch.zeros(n_genes * n_genes, dtype=torch.float64)
+        self.count = torch.zeros(n_genes * n_genes, dtype=torch.float64)
+
+    def add(self, gene_ids: Tensor, probs: Tensor, real: Tensor) -> None:
+        """gene_ids (B, L), probs (B, L, L), real (B, L) bool: the gene tokens (no <cls>, no padding)."""
+        scaled = probs * real.sum(dim=1, dtype=probs.dtype)[:, None, None]  # uniform attention -> 1
+        pair = real[:, :, None] & real[:, None, :]  # (B, L, L)
+        flat = (gene_ids[:, :, None] * self.n_genes + gene_ids[:, None, :])[pair].cpu()  # query * G + key
+        self.total.index_add_(0, flat, scaled[pair].double().cpu())
+        self.count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+
+    def mean(self, genes: np.ndarray) -> np.ndarray:
+        """(G', G') mean scaled attention of query genes[i] to key genes[j]; 0 where never seen together."""
+        total = self.total.view(self.n_genes, self.n_genes).numpy()[np.ix_(genes, genes)]
+        count = self.count.view(self.n_genes, self.n_genes).numpy()[np.ix_(genes, genes)]
+        return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+
 class GrnTask(FinetuneTask):
     """Trains like pretraining (gep + mvc); validation adds the network recovery metrics."""
+
+    max_attention_genes = 8192  # dense (G, G) attention sums above this vocabulary size are skipped
+
+    def __init__(self, *args, attention_layer: int = -1, state_key: str | None = None,
+                 state_value: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.attention_layer, self.state_key, self.state_value = attention_layer, state_key, state_value
+        self.attention: AttentionNetwork | None = None
+        self._state_code: int | None = None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -49,7 +97,42 @@ class GrnTask(FinetuneTask):
         if datamodule is not None and datamodule.sources:
             self.planted = planted_network(datamodule.sources[0].path, datamodule.vocab)
             if self.planted is None:
-                log.warning("grn: %s has no uns/gene_programs; network metrics skipped", datamodule.sources[0].path)
+                log.warning("grn: %s has no uns/regulatory_network or uns/gene_programs; network metrics skipped",
+                            datamodule.sources[0].path)
+        self._state_code = self._resolve_state()
+
+    def _resolve_state(self) -> int | None:
+        if self.state_key is None:
+            return None
+        names = self.label_names.get(self.state_key)
+        if names is None:
+            raise ConfigError(f"task.state_key={self.state_key!r}: not a label of the data; add it to data.label_keys "
+                              f"(labels: {', '.join(self.label_names) or 'none'})")
+        if str(self.state_value) not in names:
+            raise ConfigError(f"task.state_value={self.state_value!r}: no such {self.state_key}; choose one of "
+                              f"{', '.join(names)}")
+        return names.index(str(self.state_value))
+
+    def on_validation_epoch_start(self) -> None:
+        n_genes = self.model_cfg.vocab_size
+        self.attention = AttentionNetwork(n_genes) if n_genes <= self.max_attention_genes else None
+
+    def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if self.attention is None or batch.padding_mask is None:
+            return
+        cells = torch.ones_like(batch.generative) if self._state_code is None else \
+            batch.labels[self.state_key] == self._state_code  # (B,)
+        if not bool(cells.any()):
+            return
+        gene_ids, values, padding = batch.gene_ids[cells], batch.target_values[cells], batch.padding_mask[cells]
+        batch_labels = batch.labels.get(self.batch_key)
+        probs = attention_maps(self.model, gene_ids, values, padding, self.attention_layer,
+                               batch_labels=None if batch_labels is None else batch_labels[cells],
+                               modality_ids=None if batch.modality_ids is None else batch.modality_ids[cells])
+        real = ~padding
+        real[:, 0] = False  # <cls>
+        self.attention.add(gene_ids, probs.float(), real)
 
     def evaluate(self, arrays):
         if not getattr(self, "planted", None) or "expression" not in arrays:
@@ -57,17 +140,21 @@ class GrnTask(FinetuneTask):
         expression = arrays["expression"].tocsc()
         measured = np.flatnonzero(np.diff(expression.indptr) > 1)  # vocabulary ids seen in >= 2 cells
         _, edges = self.planted
-        truth = np.array([[(int(a), int(b)) in edges for b in measured] for a in measured])
+        truth = np.array([[(int(a), int(b)) in edges for b in measured] for a in measured])  # (regulator, target)
         off_diagonal = ~np.eye(len(measured), dtype=bool)
+        networks = {"": self._embedding_network(measured),
+                    "coexpr/": np.nan_to_num(np.corrcoef(expression[:, measured].toarray(), rowvar=False))}
+        if self.attention is not None and self.attention.count.sum() > 0:
+            networks["attn/"] = self.attention.mean(measured).T  # [regulator, target] = target attends to regulator
+        out = {}
+        for prefix, scores in networks.items():
+            metrics = edge_recovery(scores[off_diagonal], truth[off_diagonal])
+            out.update({f"{prefix}grn_{k}": v for k, v in metrics.items() if not (prefix and k.endswith("random"))})
+            out[f"{prefix}grn_auprc_over_random"] = out[f"{prefix}grn_auprc"] / max(out["grn_auprc_random"], 1e-12)
+        return out
+
+    def _embedding_network(self, measured: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             emb = self.model.embedding.encoder(torch.as_tensor(measured, device=self.device)).float()
             emb = torch.nn.functional.normalize(emb, dim=-1)
-            model_scores = (emb @ emb.T).cpu().numpy()
-        dense = expression[:, measured].toarray()
-        corr = np.nan_to_num(np.corrcoef(dense, rowvar=False))
-        out = {}
-        for prefix, scores in (("", model_scores), ("coexpr/", corr)):
-            metrics = edge_recovery(scores[off_diagonal], truth[off_diagonal])
-            out.update({f"{prefix}grn_{k}": v for k, v in metrics.items() if not (prefix and k.endswith("random"))})
-        out["grn_auprc_over_random"] = out["grn_auprc"] / max(out["grn_auprc_random"], 1e-12)
-        return out
+            return (emb @ emb.T).cpu().numpy()
