@@ -106,16 +106,26 @@ class PerturbationData:
 
 
 # ---- reading -------------------------------------------------------------------------------------
-def _column(store, key: str, what: str) -> np.ndarray:
+def check_column(store, key: str, what: str) -> None:
     if key not in store.obs_columns:
         raise DataError(f"{store.path}: obs has no column {key!r} ({what}); add it to the store "
-                        f"(scgpt-data convert --obs-keys ...,{key}) or set the task option to an existing column; "
+                        f"(scgpt-data convert --obs-keys ...,{key}) or set {what} to an existing column; "
                         f"available: {', '.join(store.obs_columns) or 'none'}")
+
+
+def _column(store, key: str, what: str) -> np.ndarray:
+    check_column(store, key, what)
     values = store.read_obs(key)
     if store.is_categorical(key):
         names = np.asarray(store.label_categories(key) + [""], dtype=object)
         return names[values].astype(str)  # code -1 (missing) -> ''
     return np.asarray(values).astype(str)
+
+
+def obs_keys(perturbation_key: str, pair_keys: Sequence[str], batch_key: str | None) -> dict[str, str]:
+    """The obs columns the task reads: option name -> column."""
+    keys = {"perturbation_key": perturbation_key, **{f"pair_keys[{i}]": k for i, k in enumerate(pair_keys)}}
+    return {**keys, "batch_key": batch_key} if batch_key else keys
 
 
 def read_cells(sources, vocab, keys: dict[str, str]) -> tuple[sp.csr_matrix, dict[str, np.ndarray]]:
@@ -124,7 +134,7 @@ def read_cells(sources, vocab, keys: dict[str, str]) -> tuple[sp.csr_matrix, dic
     blocks, columns = [], {name: [] for name in keys}
     for store in sources:
         for name, key in keys.items():
-            columns[name].append(_column(store, key, name))
+            columns[name].append(_column(store, key, f"task.data_module.{name}"))
         counts = store.read_counts(0, store.n_cells).astype(np.float32)
         totals = np.asarray(counts.sum(1)).ravel()
         counts = sp.diags(1e4 / np.maximum(totals, 1.0)).astype(np.float32) @ counts
@@ -156,10 +166,7 @@ def build_perturbation_data(sources, vocab, *, max_genes: int, perturbation_key:
                             batch_key: str | None = None, heldout_perturbations: Sequence[str] | None = None,
                             heldout_fraction: float = 0.25, heldout_cell_fraction: float = 0.2,
                             seed: int = 0) -> PerturbationData:
-    keys = {"perturbation_key": perturbation_key, **{f"pair_keys[{i}]": k for i, k in enumerate(pair_keys)}}
-    if batch_key:
-        keys["batch_key"] = batch_key
-    x, obs = read_cells(sources, vocab, keys)
+    x, obs = read_cells(sources, vocab, obs_keys(perturbation_key, pair_keys, batch_key))
     label = obs["perturbation_key"]
     if not (label == control_value).any():
         raise DataError(f"{sources[0].path}: no cell has {perturbation_key}={control_value!r}; set "
@@ -315,6 +322,9 @@ class PerturbationDataModule(L.LightningDataModule):
         self.seed, self.batch_size = int(cells.seed), int(cells.per_device_batch_size)
         self.num_workers = int(cells.num_workers)
         self._data: PerturbationData | None = None
+        for store in cells.sources:  # a missing column stops the run here, before any training is set up
+            for name, key in obs_keys(perturbation_key, pair_keys, batch_key).items():
+                check_column(store, key, f"task.data_module.{name}")
 
     # what train() and init_from need from a data module: the cell data module's answers
     sources = property(lambda self: self.cells.sources)

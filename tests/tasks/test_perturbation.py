@@ -4,6 +4,8 @@ delta metrics and the mean-shift baseline on hand examples, an end-to-end run wi
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -148,7 +150,12 @@ def test_end_to_end_from_a_pretrained_checkpoint_reports_both_splits_and_the_bas
     assert (tmp_path / "plots" / "perturbation_delta.png").is_file()
 
 
-def test_missing_perturbation_column_names_the_field_and_the_fix(tmp_path):
-    with pytest.raises(DataError, match=r"obs has no column 'perturbation' \(perturbation_key\); add it to the store"):
-        train(compose_config(tmp_path, "task=perturbation", "data.synthetic.n_cells=200",
-                             "data.synthetic.n_genes=100", *TINY))
+def test_missing_perturbation_column_is_one_line_naming_the_field_and_the_fix_exit_2(tmp_path):
+    small = ["data.synthetic.n_cells=200", "data.synthetic.n_genes=100", *TINY]
+    with pytest.raises(DataError, match=r"obs has no column 'perturbation' \(task.data_module.perturbation_key\); "
+                                        r"add it to the store \(scgpt-data convert --obs-keys ...,perturbation\)"):
+        train(compose_config(tmp_path / "api", "task=perturbation", *small))
+    result = subprocess.run([sys.executable, "-m", "scgpt.train", "task=perturbation", *small], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "obs has no column 'perturbation'" in lines[0]
