@@ -152,11 +152,11 @@ def _split_conditions(names: list[str], heldout: Sequence[str] | None, fraction:
     if heldout is not None:
         unknown = [h for h in heldout if h not in names]
         if unknown:
-            raise ConfigError(f"task.heldout_perturbations: {unknown[0]!r} is not a perturbation of the data; "
+            raise ConfigError(f"task.data_module.heldout_perturbations: {unknown[0]!r} is not a perturbation of the data; "
                               f"choose from {', '.join(names)}")
         return set(heldout)
     if not 0.0 <= fraction < 1.0:
-        raise ConfigError(f"task.heldout_fraction: {fraction} must be in [0, 1)")
+        raise ConfigError(f"task.data_module.heldout_fraction: {fraction} must be in [0, 1)")
     n = min(max(int(round(len(names) * fraction)), 1 if fraction > 0 else 0), max(len(names) - 1, 0))
     return set(np.random.default_rng([seed, 5]).permutation(names)[:n].tolist())
 
@@ -170,7 +170,7 @@ def build_perturbation_data(sources, vocab, *, max_genes: int, perturbation_key:
     label = obs["perturbation_key"]
     if not (label == control_value).any():
         raise DataError(f"{sources[0].path}: no cell has {perturbation_key}={control_value!r}; set "
-                        "task.control_value to the value that marks control cells")
+                        "task.data_module.control_value to the value that marks control cells")
     names = sorted(set(label) - {control_value, ""})
     genes_of = {n: n.split("+") for n in names}  # GEARS style 'A+B' for combinations
     usable = [n for n in names if all(g in vocab for g in genes_of[n])]
@@ -179,9 +179,10 @@ def build_perturbation_data(sources, vocab, *, max_genes: int, perturbation_key:
                     len(names) - len(usable), ", ".join(sorted(set(names) - set(usable))[:10]))
     if not usable:
         raise DataError(f"{sources[0].path}: no perturbation in obs {perturbation_key!r} names a gene of the "
-                        "vocabulary; values must be gene names (or 'A+B'), controls {control_value!r}")
+                        f"vocabulary; values must be gene names (or 'A+B'), controls {control_value!r}")
     conditions = [control_value, *usable]
-    condition = np.array([conditions.index(v) if v in conditions else -1 for v in label])
+    code = {name: c for c, name in enumerate(conditions)}
+    condition = np.array([code.get(v, -1) for v in label])
     keep = condition >= 0
     x, condition = x[keep], condition[keep]
     obs = {k: v[keep] for k, v in obs.items()}
@@ -212,7 +213,7 @@ def build_perturbation_data(sources, vocab, *, max_genes: int, perturbation_key:
 def _assign_splits(condition: np.ndarray, conditions: list[str], unseen: set[str], cell_fraction: float,
                    seed: int) -> np.ndarray:
     if not 0.0 <= cell_fraction < 1.0:
-        raise ConfigError(f"task.heldout_cell_fraction: {cell_fraction} must be in [0, 1)")
+        raise ConfigError(f"task.data_module.heldout_cell_fraction: {cell_fraction} must be in [0, 1)")
     split = np.zeros(condition.size, np.int64)
     rng = np.random.default_rng([seed, 6])
     for c, name in enumerate(conditions[1:], start=1):
@@ -361,7 +362,7 @@ class PerturbationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data.rows("train").size == 0:
             raise DataError(f"{self.sources[0].path}: no training cells left after the held-out splits; "
-                            "lower task.heldout_fraction or task.heldout_cell_fraction")
+                            "lower task.data_module.heldout_fraction or heldout_cell_fraction")
 
     def _loader(self, targets: np.ndarray, train: bool) -> DataLoader:
         data = self.data

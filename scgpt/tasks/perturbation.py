@@ -61,9 +61,10 @@ def perturbation_metrics(data: PerturbationData, rows: np.ndarray, predicted: np
         r, condition = rows[chosen], data.condition[rows[chosen]]
         truth = condition_means(data.delta(r), condition)
         model = condition_means(data.delta(r, predicted[chosen]), condition)
-        baseline = mean_shift_baseline(shift, truth, seen=split == "seen")
         out.update({f"{split}/{k}": v for k, v in delta_correlations(model, truth, top_k).items()})
-        out.update({f"{split}/mean_shift/{k}": v for k, v in delta_correlations(baseline, truth, top_k).items()})
+        if shift:  # no trained perturbation: no mean shift to report
+            baseline = mean_shift_baseline(shift, truth, seen=split == "seen")
+            out.update({f"{split}/mean_shift/{k}": v for k, v in delta_correlations(baseline, truth, top_k).items()})
         out[f"{split}/mse"] = float(np.mean((predicted[chosen] - data.expr[r]) ** 2))
         out[f"{split}/n_perturbations"] = float(len(truth))
     return out

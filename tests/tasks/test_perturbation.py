@@ -73,7 +73,7 @@ def test_named_held_out_perturbations_and_unknown_names(datamodule):
     named = PerturbationDataModule(datamodule.cells, heldout_perturbations=[name])
     unseen = named.data.condition[named.data.rows("unseen")]
     assert set(unseen) == {2}
-    with pytest.raises(ConfigError, match="task.heldout_perturbations: 'NOPE' is not a perturbation"):
+    with pytest.raises(ConfigError, match="task.data_module.heldout_perturbations: 'NOPE' is not a perturbation"):
         PerturbationDataModule(datamodule.cells, heldout_perturbations=["NOPE"]).data
 
 
