@@ -27,7 +27,7 @@ class AnnotationTask(FinetuneTask):
         out["knn_accuracy"] = knn_accuracy(arrays["emb"], truth, seed=self.seed)
         if "expression" in arrays:
             out["pca_logreg_accuracy"] = logistic_regression_accuracy(
-                pca_embedding(arrays["expression"], 50, self.seed), truth, seed=self.seed)
+                pca_embedding(arrays["expression"], 50, self.seed), without_singletons(truth), seed=self.seed)
             reference = getattr(self, "_reference", None)
             if reference is not None and "expression" in reference:
                 out["pca_logreg_transfer_accuracy"] = transfer_accuracy(
@@ -52,6 +52,12 @@ class AnnotationTask(FinetuneTask):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["scgpt"]["cls_label_key"] = self.label_key  # which of the labels the classifier predicts
+
+
+def without_singletons(labels: np.ndarray) -> np.ndarray:
+    """Labels with classes of a single cell marked missing (-1): cross-validation needs two cells per class."""
+    counts = np.bincount(labels[labels >= 0], minlength=1)
+    return np.where((labels >= 0) & (counts[np.maximum(labels, 0)] >= 2), labels, -1)
 
 
 def transfer_accuracy(train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, n_components: int = 50,
