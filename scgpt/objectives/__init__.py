@@ -15,11 +15,13 @@ from scgpt.objectives.expression import (
     MaskedValueFromCell,
     ZeroProbability,
 )
+from scgpt.objectives.multimodal import CrossModalContrastive
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls
     for cls in (MaskedExpressionPrediction, GenerativeExpressionPrediction, MaskedValueFromCell, ZeroProbability,
-                ElasticCellSimilarity, ContrastiveCellEmbedding, AdversarialBatch, CellClassification)
+                ElasticCellSimilarity, ContrastiveCellEmbedding, AdversarialBatch, CellClassification,
+                CrossModalContrastive)
 }
 
 

@@ -19,6 +19,7 @@ class ObjectiveContext:
     second_view: ScGPTOutput | None = None  # a second forward pass (other dropout), for contrastive terms
     gather: Callable[[Tensor], Tensor] = lambda t: t  # (B, ...) -> (world * B, ...), gradients kept
     rank: int = 0
+    forward: Callable[[CellBatch], ScGPTOutput] | None = None  # the model on another batch (e.g. one modality's tokens)
 
 
 class Objective:

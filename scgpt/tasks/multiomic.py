@@ -1,7 +1,9 @@
 """Multi-omic finetuning (``task=multiomic``): RNA plus protein (ADT) and/or chromatin (ATAC) features as
 tokens of one sequence, each token with a modality embedding (``model.n_modalities: 4``: RNA, ADT, ATAC,
 <cls>/pad; see :mod:`data_modules.modality`), trained with masked expression objectives over all
-modalities. The cell embedding is the joint embedding of all modalities.
+modalities (gep, mvc) and a cross-modal contrastive term (cmc, :mod:`scgpt.objectives.multimodal`: a
+cell's RNA-only and ADT/ATAC-only embeddings must find each other in the batch). The cell embedding is the
+joint embedding of all modalities.
 
 Validation metrics (``summary.json`` ``val``): cross-validated cell-type kNN accuracy of the joint
 embedding (``knn_accuracy``) and of the embedding of the same cells with only one modality's tokens kept
@@ -18,15 +20,14 @@ N(0, 1), as nn.Embedding's), and the modality embedding is new.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from data_modules.collate import CellBatch
 from data_modules.modality import MODALITY_NAMES, N_MODALITY_IDS, RNA, SPECIAL, store_modalities, vocab_modalities
+from data_modules.modality_batch import drop_modalities, select_tokens, unmasked
 from scgpt.errors import CheckpointError, ConfigError, DataError
 from scgpt.seeding import make_generator
 from scgpt.tasks.finetune import FinetuneTask, binned_expression
@@ -65,7 +66,8 @@ class MultiomicTask(FinetuneTask):
         if self.training and self.modality_dropout > 0 and batch.modality_ids is not None:
             generator = make_generator(self.seed, MODALITY_DROPOUT_STREAM, self.current_epoch, self._train_step,
                                        self.global_rank)
-            batch = drop_modalities(batch, self.modality_dropout, generator, self.model_cfg)
+            batch = drop_modalities(batch, self.modality_dropout, generator, self.model_cfg.pad_token_id,
+                                    self.model_cfg.pad_value)
         return super().losses(batch)
 
     # ---- validation: joint and single-modality embeddings --------------------------------------
@@ -77,7 +79,8 @@ class MultiomicTask(FinetuneTask):
         if batch.modality_ids is not None:
             for m in self.modalities:
                 keep = (batch.modality_ids == m) | (batch.modality_ids == SPECIAL)
-                c[f"emb/{MODALITY_NAMES[m]}_only"].append(self._embed(select_tokens(clean, keep, self.model_cfg)))
+                only = select_tokens(clean, keep, self.model_cfg.pad_token_id, self.model_cfg.pad_value)
+                c[f"emb/{MODALITY_NAMES[m]}_only"].append(self._embed(only))
         for key, codes in batch.labels.items():
             c[f"label/{key}"].append(codes.cpu().numpy())
         c["expression"].append(binned_expression(batch, self.model_cfg.vocab_size))
@@ -136,78 +139,6 @@ def modality_embedding_size(datamodule) -> int:
     """``model_heads.n_modalities: auto``: the modality ids' count, once the data is checked to have two."""
     check_multiomic_data(datamodule.sources, datamodule.vocab)
     return N_MODALITY_IDS
-
-
-# ---- batch operations ------------------------------------------------------------------------------
-def unmasked(batch: CellBatch) -> CellBatch:
-    """The same tokens with every value visible and no generative cells (for embedding)."""
-    return dataclasses.replace(batch, values=torch.where(batch.hidden_mask, batch.target_values, batch.values),
-                               hidden_mask=torch.zeros_like(batch.hidden_mask),
-                               gen_mask=torch.zeros_like(batch.gen_mask),
-                               generative=torch.zeros_like(batch.generative))
-
-
-def _token_fields(batch: CellBatch) -> list[str]:
-    """Names of the per-token tensors (same shape as gene_ids), whatever fields CellBatch has."""
-    per_cell = ("generative", "padding_mask", "cu_seqlens")
-    return [f.name for f in dataclasses.fields(batch) if f.name not in per_cell
-            and isinstance(getattr(batch, f.name), Tensor) and getattr(batch, f.name).shape == batch.gene_ids.shape]
-
-
-def _fill_value(name: str, tensor: Tensor, model_cfg) -> float | int | bool:
-    if name == "gene_ids":
-        return model_cfg.pad_token_id
-    if name in ("values", "target_values"):
-        return model_cfg.pad_value
-    if name == "modality_ids":
-        return SPECIAL
-    return 0
-
-
-def select_tokens(batch: CellBatch, keep: Tensor, model_cfg) -> CellBatch:
-    """Only the tokens where ``keep`` (same shape as gene_ids) and the cell's <cls>, compacted: padded
-    cells get shorter with padding after their tokens, packed ones get new cu_seqlens."""
-    fields = _token_fields(batch)
-    if batch.padding_mask is not None:
-        keep = (keep | (torch.arange(keep.shape[1], device=keep.device) == 0)) & ~batch.padding_mask  # (B, L)
-        lengths = keep.sum(1)  # (B,)
-        width = int(lengths.max())
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept tokens first, in order
-        padding = torch.arange(width, device=keep.device)[None, :] >= lengths[:, None]  # (B, W)
-        new = {}
-        for name in fields:
-            taken = torch.gather(getattr(batch, name), 1, order)
-            new[name] = taken.masked_fill(padding, _fill_value(name, taken, model_cfg))
-        return dataclasses.replace(batch, **new, padding_mask=padding, max_seqlen=width)
-    starts = batch.cu_seqlens[:-1].long()
-    keep = keep.clone()
-    keep[starts] = True  # <cls>
-    cell = torch.repeat_interleave(torch.arange(starts.numel(), device=keep.device),
-                                   (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long())  # (T,)
-    lengths = torch.bincount(cell[keep], minlength=starts.numel())
-    cu_seqlens = torch.zeros_like(batch.cu_seqlens)
-    cu_seqlens[1:] = lengths.cumsum(0)
-    new = {name: getattr(batch, name)[keep] for name in fields}
-    return dataclasses.replace(batch, **new, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
-
-
-def drop_modalities(batch: CellBatch, share: float, generator: torch.Generator, model_cfg) -> CellBatch:
-    """A ``share`` of the cells with two or more modalities lose all tokens of one of them (uniformly
-    chosen among the cell's modalities)."""
-    mods = batch.modality_ids
-    if batch.padding_mask is not None:
-        cell = torch.arange(mods.shape[0], device=mods.device)[:, None].expand_as(mods)  # (B, L)
-    else:
-        cell = torch.repeat_interleave(torch.arange(batch.n_cells, device=mods.device),
-                                       (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long())  # (T,)
-    feature = mods != SPECIAL
-    present = torch.zeros(batch.n_cells, SPECIAL, dtype=torch.bool, device=mods.device)  # (B, 3)
-    present[cell[feature], mods[feature]] = True
-    drop_cell = (torch.rand(batch.n_cells, generator=generator) < share) & (present.sum(1) >= 2)  # (B,)
-    scores = torch.rand(batch.n_cells, SPECIAL, generator=generator).masked_fill(~present, -1.0)
-    dropped = scores.argmax(1)  # (B,) a modality the cell has
-    drop = feature & drop_cell[cell] & (mods == dropped[cell])
-    return select_tokens(batch, ~drop, model_cfg) if bool(drop.any()) else batch
 
 
 # ---- init_from: new tokens for the features of new modalities ---------------------------------------

@@ -62,7 +62,7 @@ class PretrainTask(TrainingTask):
     def losses(self, batch: CellBatch) -> tuple[Tensor, dict[str, Tensor], ScGPTOutput]:
         """(weighted total, unweighted named terms, model output)."""
         out = self(batch)
-        ctx = ObjectiveContext(gather=self._gather, rank=self.global_rank)
+        ctx = ObjectiveContext(gather=self._gather, rank=self.global_rank, forward=self)
         if any(o.needs_second_view for o in self.objectives):
             ctx.second_view = self(batch)  # same input, other dropout noise
         total, terms = 0.0, {}

@@ -3,6 +3,7 @@ dropout and single-modality embeddings, init_from with new feature tokens, and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from data_modules.collate import CellCollator, CollatorConfig
 from data_modules.modality import ADT, ATAC, RNA, SPECIAL
 from scgpt.errors import DataError
 from scgpt.seeding import make_generator
-from scgpt.tasks.multiomic import drop_modalities, select_tokens
+from data_modules.modality_batch import drop_modalities, select_tokens
 from scgpt.train import train
 
 from conftest import SMALL_DATA, compose_config, tiny_config
@@ -92,7 +93,7 @@ def _tokens_per_cell(batch):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_select_tokens_keeps_cls_and_the_chosen_modality_in_order(layout):
     batch = _batch(layout)
-    kept = select_tokens(batch, batch.modality_ids == ADT, CFG)
+    kept = select_tokens(batch, batch.modality_ids == ADT, CFG.pad_token_id, CFG.pad_value)
     before, after = _tokens_per_cell(batch), _tokens_per_cell(kept)
     for (ids, values, mods), (new_ids, new_values, new_mods) in zip(before, after):
         expect = [i for i, (g, m) in enumerate(zip(ids, mods)) if m in (ADT, SPECIAL)]
@@ -110,7 +111,7 @@ def test_select_tokens_keeps_cls_and_the_chosen_modality_in_order(layout):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_modality_dropout_removes_one_whole_modality_of_multimodal_cells(layout):
     batch = _batch(layout, seed=1)
-    dropped = drop_modalities(batch, 0.99, make_generator(3), CFG)
+    dropped = drop_modalities(batch, 0.99, make_generator(3), CFG.pad_token_id, CFG.pad_value)
     before, after = _tokens_per_cell(batch), _tokens_per_cell(dropped)
     for i, ((_, _, mods), (_, _, new_mods)) in enumerate(zip(before, after)):
         had = set(mods) - {SPECIAL}
@@ -120,4 +121,26 @@ def test_modality_dropout_removes_one_whole_modality_of_multimodal_cells(layout)
             assert all(mods.count(m) == new_mods.count(m) for m in left)
         else:
             assert new_mods == mods  # a single-modality cell keeps everything
-    assert drop_modalities(batch, 0.0, make_generator(3), CFG) is batch
+    assert drop_modalities(batch, 0.0, make_generator(3), CFG.pad_token_id, CFG.pad_value) is batch
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_cross_modal_contrastive_pairs_each_cells_rna_view_with_its_other_view(layout):
+    from scgpt.model.scgpt import ScGPTModel
+    from scgpt.objectives import ObjectiveContext
+    from scgpt.objectives.multimodal import CrossModalContrastive
+
+    cfg = tiny_config(n_modalities=4)
+    model = ScGPTModel(cfg)
+    forward = lambda b: model(b.gene_ids, b.values, b.layout, modality_ids=b.modality_ids)  # noqa: E731
+    objective = CrossModalContrastive(1.0, temperature=0.2)
+    assert objective.check(cfg) is None and "n_modalities" in objective.check(tiny_config())
+    objective.check(cfg)
+    batch = _batch(layout)
+    loss = objective(forward(batch), batch, ObjectiveContext(forward=forward))["cmc"]
+    # cells 0-2 have RNA and ADT/ATAC, cell 3 only ADT: InfoNCE over 3 cells is about log(3) untrained
+    assert 0.3 < float(loss) < 3.0
+    loss.backward()
+    assert model.embedding.modality_encoder.weight.grad.abs().sum() > 0
+    plain = dataclasses.replace(batch, modality_ids=None)
+    assert float(objective(forward(plain), plain, ObjectiveContext(forward=forward))["cmc"]) == 0.0
