@@ -49,8 +49,12 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, store_p
         overrides.append("model=vae")
     if (group, option) == ("task", "multiomic"):  # needs a second modality (var feature_type) in the data
         overrides.append("+data.synthetic.n_proteins=8")
+    if (group, option) == ("task", "perturbation"):  # needs perturbed cells (obs perturbation) in the data
+        overrides += ["+data.synthetic.n_regulators=4", "+data.synthetic.n_perturbations=4"]
     cfg = compose_config(tmp_path, *overrides)
     datamodule = instantiate(cfg.data)
+    if cfg.task.get("data_module"):  # task=perturbation pairs cells: it wraps the cell data module
+        datamodule = instantiate(cfg.task.data_module, cells=datamodule)
     settings = model_settings(cfg, datamodule)
     if settings.get("kind") == "vae":  # conf/model/vae.yaml: the VAE baseline, not a ScGPTModel
         from scgpt.model.vae import VAE
