@@ -15,7 +15,8 @@ ATTENTION_BACKENDS = ("sdpa", "reference", "flash_attn")
 VALUE_ENCODINGS = ("continuous", "category", "scaling")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 NORM_SCHEMES = ("post", "pre")
-DSBN_PLACES = ("off", "input", "output", "cell")  # domain-specific batch norm: none, token inputs, encoder outputs, cell embedding
+# Domain-specific batch norm: none, on the token inputs, on the encoder outputs, on the cell embedding.
+DSBN_PLACES = ("off", "input", "output", "cell")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -55,7 +56,7 @@ class ModelConfig:
     batch_discriminator: bool = False  # adversarial batch discriminator (needs n_batch_labels)
     n_modalities: int = 0  # > 0 adds a per-token modality embedding
     n_perturbation_flags: int = 0  # > 0 adds a per-token perturbation embedding
-    dsbn: str = "off"  # per-batch-label BatchNorm: "input" (before the encoder, as scGPT), "output", "cell"; true = input
+    dsbn: str = "off"  # per-batch-label BatchNorm: input (before the encoder, as scGPT), output, cell; true = input
 
     def __post_init__(self) -> None:
         _require(self.vocab_size > 0, "model.vocab_size", "must be positive")

@@ -161,7 +161,8 @@ def embedding_2d(emb, seed: int = 0, method: str = "auto"):
     if method not in MAP_METHODS:
         from scgpt.errors import ConfigError
 
-        raise ConfigError(f"task.module.embedding_map: unknown value {method!r}; choose one of {', '.join(MAP_METHODS)}")
+        raise ConfigError(f"task.module.embedding_map: unknown value {method!r}; "
+                          f"choose one of {', '.join(MAP_METHODS)}")
     emb = np.asarray(emb, dtype=np.float32)
     if method in ("auto", "umap") and len(emb) > 16:
         try:
