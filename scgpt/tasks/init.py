@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # Settings a task may choose; every other model setting is the architecture and comes from the checkpoint.
 TASK_KEYS = ("n_cls_classes", "n_batch_labels", "batch_discriminator", "n_modalities", "n_perturbation_flags",
              "dsbn", "dropout", "attention_backend", "max_seq_len", "n_layers_cls")
+# Settings only task.model_heads may change (never copied from the model group): the pooling has no weights.
+HEAD_ONLY_KEYS = ("cell_emb_style",)
 # Weights under these prefixes exist only with the head (or have a head-dependent shape).
 HEAD_PREFIXES = {
     "n_cls_classes": ("cls_decoder.",),
@@ -73,8 +75,9 @@ def task_model_settings(cfg: DictConfig, datamodule, settings: dict[str, Any],
     """Model settings with the checkpoint's architecture (when ``init`` is given) and the task's heads."""
     heads = _container(cfg.task.get("model_heads"))
     for key in heads:
-        if key not in TASK_KEYS:
-            raise ConfigError(f"task.model_heads.{key}: not a head setting; choose from {', '.join(TASK_KEYS)}")
+        if key not in TASK_KEYS + HEAD_ONLY_KEYS:
+            raise ConfigError(f"task.model_heads.{key}: not a head setting; choose from "
+                              f"{', '.join(TASK_KEYS + HEAD_ONLY_KEYS)}")
     for key, label in AUTO_LABELS.items():
         if heads.get(key) == "auto":
             heads[key] = _count_classes(cfg, datamodule, label)

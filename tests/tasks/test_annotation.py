@@ -51,3 +51,15 @@ def test_missing_label_column_for_annotation_names_the_field(tmp_path):
     with pytest.raises(DataError, match=r"obs has no column 'cell_label' \(data.label_keys\)"):
         train(compose_config(tmp_path, *DEBUG, "task=annotation", "task.label_key=cell_label",
                              "data.label_keys=[cell_label,batch]"))
+
+
+def test_annotation_recipe_sets_pooling_and_head_on_top_of_a_pretrained_checkpoint(tmp_path):
+    pretrained = train(compose_config(tmp_path / "pre", *SMALL_DATA, "logger=none", "trainer=debug"))["checkpoint"]
+    assert torch.load(pretrained, weights_only=True)["hyper_parameters"]["model"]["cell_emb_style"] == "cls"
+    summary = train(compose_config(tmp_path / "ft", *SMALL_DATA, "logger=none", "trainer=debug", "task=annotation",
+                                   f"init_from={pretrained}"))
+    model = torch.load(summary["checkpoint"], weights_only=True)["hyper_parameters"]["model"]
+    assert (model["cell_emb_style"], model["n_layers_cls"], model["dropout"]) == ("avg-pool", 1, 0.0)
+    with pytest.raises(ConfigError, match="task.model_heads.d_model: not a head setting; .*cell_emb_style"):
+        train(compose_config(tmp_path / "bad", *SMALL_DATA, "logger=none", "trainer=debug", "task=annotation",
+                             "+task.model_heads.d_model=16"))
