@@ -23,9 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data_modules.store import anndata_writing
 from scgpt.checkpoints import build_model, read_checkpoint
 from scgpt.embed import (DEFAULT_MIN_OVERLAP, EMBED_STREAM, CellTokenizer, GeneMatch, RowSource, _cells, _device,
-                         _open_input, _output_skeleton, _progress, _tokenize, match_genes, rows_of_anndata)
+                         _open_input, _output_skeleton, _progress, _tokenize, check_paths, match_genes,
+                         rows_of_anndata)
 from scgpt.errors import CheckpointError, ConfigError, DataError, ScgptError
 from scgpt.model.layout import TokenLayout
 from scgpt.seeding import make_generator
@@ -137,15 +139,7 @@ def annotate_file(input_path: str | os.PathLike, model: str | os.PathLike, outpu
     import anndata as ad
     import h5py
 
-    src, out = Path(input_path), Path(output)
-    if out.suffix != ".h5ad":
-        raise ConfigError(f"-o {out}: the output must be an .h5ad file")
-    if out.exists() and out.resolve() == src.resolve():
-        raise ConfigError(f"-o {out}: is the input file; write to another path")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"-o {out}: already exists; pass --overwrite to replace it")
-    if not src.exists():
-        raise DataError(f"{src}: no such file or store")
+    src, out = check_paths(input_path, output, overwrite)
     clf = load_classifier(model, vocab, _device(device))
     rows, adata = _open_input(src)
     try:
@@ -166,7 +160,7 @@ def annotate_file(input_path: str | os.PathLike, model: str | os.PathLike, outpu
         tmp = Path(tmp_name)
         try:
             _output_skeleton(src, tmp, rows)
-            with h5py.File(tmp, "r+") as f:
+            with h5py.File(tmp, "r+") as f, anndata_writing():
                 del f["obs"]
                 ad.io.write_elem(f, "obs", obs)
             os.chmod(tmp, 0o644)

@@ -321,13 +321,9 @@ def _write_umap(embedding: np.ndarray, png: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def embed_file(input_path: str | os.PathLike, model_dir: str | os.PathLike, output: str | os.PathLike,
-               batch_size: int = 64, device: str = "cpu", gene_column: str | None = None,
-               min_overlap: float = DEFAULT_MIN_OVERLAP, overwrite: bool = False, umap_png: str | None = None,
-               progress: bool = True, vocab: str | None = None, seed: int = 0) -> Path:
-    """The work of ``scgpt-embed``: INPUT -> OUTPUT.h5ad with ``obsm["X_scgpt"]``, written atomically."""
-    import h5py
-
+def check_paths(input_path: str | os.PathLike, output: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
+    """(input, output) of a CLI that writes a copy of its input as .h5ad: refuses a bad suffix, the input
+    itself, an existing output without ``overwrite`` and a missing input."""
     src, out = Path(input_path), Path(output)
     if out.suffix != ".h5ad":
         raise ConfigError(f"-o {out}: the output must be an .h5ad file")
@@ -337,6 +333,17 @@ def embed_file(input_path: str | os.PathLike, model_dir: str | os.PathLike, outp
         raise ConfigError(f"-o {out}: already exists; pass --overwrite to replace it")
     if not src.exists():
         raise DataError(f"{src}: no such file or store")
+    return src, out
+
+
+def embed_file(input_path: str | os.PathLike, model_dir: str | os.PathLike, output: str | os.PathLike,
+               batch_size: int = 64, device: str = "cpu", gene_column: str | None = None,
+               min_overlap: float = DEFAULT_MIN_OVERLAP, overwrite: bool = False, umap_png: str | None = None,
+               progress: bool = True, vocab: str | None = None, seed: int = 0) -> Path:
+    """The work of ``scgpt-embed``: INPUT -> OUTPUT.h5ad with ``obsm["X_scgpt"]``, written atomically."""
+    import h5py
+
+    src, out = check_paths(input_path, output, overwrite)
     if umap_png and not Path(umap_png).resolve().parent.is_dir():
         raise ConfigError(f"--umap {umap_png}: its directory does not exist")
     rows, adata = _open_input(src)
