@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -26,7 +25,7 @@ import torch
 from data_modules.store import anndata_writing
 from scgpt.checkpoints import build_model, read_checkpoint
 from scgpt.embed import (DEFAULT_MIN_OVERLAP, EMBED_STREAM, CellTokenizer, GeneMatch, RowSource, _cells, _device,
-                         _open_input, _output_skeleton, _progress, _tokenize, check_paths, match_genes,
+                         _open_input, _progress, _tokenize, check_paths, match_genes, output_copy,
                          rows_of_anndata)
 from scgpt.errors import CheckpointError, ConfigError, DataError, ScgptError
 from scgpt.model.layout import TokenLayout
@@ -137,7 +136,6 @@ def annotate_file(input_path: str | os.PathLike, model: str | os.PathLike, outpu
     """The work of ``scgpt-annotate``: INPUT -> OUTPUT.h5ad with the prediction columns in obs, written
     atomically; also returns the accuracy on cells that carry the label (None when the query has none)."""
     import anndata as ad
-    import h5py
 
     src, out = check_paths(input_path, output, overwrite)
     clf = load_classifier(model, vocab, _device(device))
@@ -154,19 +152,9 @@ def annotate_file(input_path: str | os.PathLike, model: str | os.PathLike, outpu
                 probs[start:start + len(block)] = block
         predicted = predictions_frame(probs, clf, obs.index)
         obs = obs.drop(columns=[c for c in predicted.columns if c in obs.columns]).join(predicted)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            _output_skeleton(src, tmp, rows)
-            with h5py.File(tmp, "r+") as f, anndata_writing():
-                del f["obs"]
-                ad.io.write_elem(f, "obs", obs)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with output_copy(src, out, rows) as f, anndata_writing():
+            del f["obs"]
+            ad.io.write_elem(f, "obs", obs)
     finally:
         if adata is not None:
             adata.file.close()

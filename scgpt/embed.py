@@ -16,6 +16,7 @@ var and the embedding (no X).
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import shutil
 import sys
@@ -336,12 +337,31 @@ def check_paths(input_path: str | os.PathLike, output: str | os.PathLike, overwr
     return src, out
 
 
+@contextlib.contextmanager
+def output_copy(src: Path, out: Path, rows: "RowSource"):
+    """An open h5py file on a temporary copy of the input (obs and var of a store) beside ``out``; renamed
+    to ``out`` only when the block ends without an error, else removed."""
+    import h5py
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _output_skeleton(src, tmp, rows)
+        with h5py.File(tmp, "r+") as f:
+            yield f
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def embed_file(input_path: str | os.PathLike, model_dir: str | os.PathLike, output: str | os.PathLike,
                batch_size: int = 64, device: str = "cpu", gene_column: str | None = None,
                min_overlap: float = DEFAULT_MIN_OVERLAP, overwrite: bool = False, umap_png: str | None = None,
                progress: bool = True, vocab: str | None = None, seed: int = 0) -> Path:
     """The work of ``scgpt-embed``: INPUT -> OUTPUT.h5ad with ``obsm["X_scgpt"]``, written atomically."""
-    import h5py
 
     src, out = check_paths(input_path, output, overwrite)
     if umap_png and not Path(umap_png).resolve().parent.is_dir():
@@ -350,29 +370,19 @@ def embed_file(input_path: str | os.PathLike, model_dir: str | os.PathLike, outp
     model, tokenizer, device = _prepare(model_dir, batch_size, device, vocab)
     match = match_genes(tokenizer.vocab, rows.var_names, rows.var, gene_column, min_overlap, rows.name)
     print(match.report, file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        _output_skeleton(src, tmp, rows)
-        with h5py.File(tmp, "r+") as f:
-            obsm = f.require_group("obsm")
-            obsm.attrs.setdefault("encoding-type", "dict")
-            obsm.attrs.setdefault("encoding-version", "0.1.0")
-            if OBSM_KEY in obsm:
-                del obsm[OBSM_KEY]
-            dataset = obsm.create_dataset(OBSM_KEY, shape=(rows.n_obs, model.cfg.d_model), dtype="float32")
-            dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
-            with _progress(progress, rows.n_obs) as advance:
-                for start, block in iter_embeddings(model, tokenizer, rows, match, batch_size, device, seed,
-                                                    advance=advance):
-                    dataset[start:start + len(block)] = block
-            embedding = dataset[:] if umap_png else None
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with output_copy(src, out, rows) as f:
+        obsm = f.require_group("obsm")
+        obsm.attrs.setdefault("encoding-type", "dict")
+        obsm.attrs.setdefault("encoding-version", "0.1.0")
+        if OBSM_KEY in obsm:
+            del obsm[OBSM_KEY]
+        dataset = obsm.create_dataset(OBSM_KEY, shape=(rows.n_obs, model.cfg.d_model), dtype="float32")
+        dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
+        with _progress(progress, rows.n_obs) as advance:
+            for start, block in iter_embeddings(model, tokenizer, rows, match, batch_size, device, seed,
+                                                advance=advance):
+                dataset[start:start + len(block)] = block
+        embedding = dataset[:] if umap_png else None
         if adata is not None:
             adata.file.close()
     if umap_png:
