@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 4 and 8 in one short script, for a machine with one CUDA GPU.
 #
-#   [STEPS="tests bench bench_large profile train"] bash benchmarks/gpu_checks.sh OUTDIR [WHEELDIR]
+#   [STEPS="tests bench bench_large profile scale train"] [TRAIN_STRATEGIES="ddp deepspeed_zero2"] bash benchmarks/gpu_checks.sh OUTDIR [WHEELDIR]
 #
 # 1. the GPU-only tests (attention backends in bf16 against the fp32 reference, fused AdamW);
 # 2. benchmarks/train_step.py on the whole-human shape: the original architecture (padded
 #    nn.TransformerEncoder) side by side with our sdpa / flash_attn backends, padded and packed, with the
 #    compile and fused-AdamW options; then a larger batch (``bench``); a profile of the flash_attn
-#    variants: device-busy against wall time per step and the top kernels (``profile``);
+#    variants: device-busy against wall time per step and the top kernels (``profile``); per-device batches
+#    of 128, 256 and 384 cells with fused AdamW, with and without compile, the 256 one profiled (``scale``);
 # 3. scgpt-train on the whole-human shape, bf16, with strategy=ddp and strategy=deepspeed_zero2 on one GPU:
 #    cells/s, tokens/s, TFLOP/s, MFU and peak memory from each run's summary.json.
 # Each step has its own time limit and the script goes on when one fails; logs and summaries land in OUTDIR.
@@ -18,7 +19,7 @@ WHEELS=${2:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SCGPT_CACHE=/tmp/scgpt-cache
 PY=${PYTHON:-python3}
-STEPS=" ${STEPS:-tests bench bench_large profile train} "
+STEPS=" ${STEPS:-tests bench bench_large profile scale train} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 if [ -n "$WHEELS" ]; then
@@ -50,13 +51,18 @@ BENCH="$PY benchmarks/train_step.py --shapes whole_human --device cuda --dtype b
 want bench && step train_step_b32 150 $BENCH --backends sdpa,flash_attn --batch-size 32 --steps 20 --warmup 5 --extras compile,fused_adamw
 want bench_large && step train_step_b128 80 $BENCH --backends flash_attn --layouts packed --no-original --batch-size 128 --steps 10 --warmup 3
 want profile && step profile_b32 100 $BENCH --backends flash_attn --batch-size 32 --steps 5 --warmup 3 --profile 3
+want scale && for batch in 128 256 384; do
+  profile=$([ "$batch" = 256 ] && echo "--profile 2" || echo "")
+  step "train_step_scale_b$batch" 150 $BENCH --backends flash_attn --layouts packed --no-original --batch-size $batch \
+    --steps 8 --warmup 3 --extras fused_adamw,compile+fused_adamw $profile
+done
 
 # Cells of 300-1200 expressed genes (median ~900): the synthetic generator at 10k genes.
 TRAIN=(scgpt-train trainer=gpu model=scgpt_whole_human logger=none model.attention_backend=flash_attn
        data.layout=packed data.synthetic.n_cells=30000 data.synthetic.n_genes=10000 data.num_workers=8 data.block_size=128
        data.global_batch_size=128 data.per_device_batch_size=128 trainer.max_steps=150 task.module.fused_adamw=true
        trainer.val_check_interval=100000 trainer.enable_progress_bar=false checkpoint.every_n_train_steps=100000)
-want train && for strategy in ddp deepspeed_zero2; do
+want train && for strategy in ${TRAIN_STRATEGIES:-ddp deepspeed_zero2}; do
   step "train_$strategy" 120 $PY -m scgpt.train "${TRAIN[@]:1}" strategy=$strategy "hydra.run.dir=/tmp/runs/$strategy"
   cp "/tmp/runs/$strategy/summary.json" "$OUT/summary_$strategy.json" 2>/dev/null
 done

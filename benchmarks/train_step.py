@@ -16,7 +16,7 @@ other processes falls on all alike):
 - ``<backend>/<layout>``: our ``ScGPTModel`` with each attention backend (sdpa, reference, torch_varlen:
   the plain-torch stand-in for flash-attn's varlen path; flash_attn: CUDA + flash-attn only, skipped
   with a note otherwise) on padded and packed (unpadded) batches;
-- ``<backend>/packed+<extra>`` for ``--extras``: ``compile`` (torch.compile of the encoder layers'
+- ``<backend>/packed+<extra>`` for ``--extras`` (several options joined by ``+`` run together): ``compile`` (torch.compile of the encoder layers'
   per-token blocks, dynamic token count; compile time falls in the warm-up steps), ``checkpointing``
   (activation checkpointing of every encoder layer), ``fused_adamw`` (``AdamW(fused=True)``).
 
@@ -83,13 +83,23 @@ def _csv(choices):
     return parse
 
 
+def _extras(text: str) -> list[str]:
+    """Comma-separated variants, each one speed option or several joined by '+'."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if not set(t.split("+")) <= set(EXTRAS)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad!r}: each variant is one of {', '.join(EXTRAS)} or several joined by '+'")
+    return items
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", type=_csv(tuple(SHAPES)), default=["tiny"])
     p.add_argument("--n-layers", type=int, default=None, help="override the shape's encoder depth")
     p.add_argument("--backends", type=_csv(BACKENDS), default=["sdpa", "reference"])
     p.add_argument("--layouts", type=_csv(LAYOUTS), default=list(LAYOUTS))
-    p.add_argument("--extras", type=_csv(EXTRAS), default=[], help="extra packed variants per backend")
+    p.add_argument("--extras", type=_extras, default=[],
+                   help="extra packed variants per backend; '+' combines options, e.g. compile+fused_adamw")
     p.add_argument("--no-original", action="store_true", help="leave out the original-architecture baseline")
     p.add_argument("--original-attention-dropout", type=float, default=None,
                    help="dropout on the baseline's attention probabilities; default: the model's dropout, as "
@@ -183,13 +193,14 @@ StepFn = Callable[[CellBatch], None]
 
 
 def ours(args, cfg: ModelConfig, backend: str, device: torch.device, extra: str | None = None) -> StepFn:
-    """A training step of ScGPTModel with ``backend`` (and an optional speed option), seeded init."""
+    """A training step of ScGPTModel with ``backend`` (and optional speed options joined by '+'), seeded init."""
+    options = set(extra.split("+")) if extra else set()
     torch.manual_seed(args.seed)
     model = ScGPTModel(cfg, make_backend(backend, args.group_tolerance)).to(device).train()
-    model.transformer_encoder.activation_checkpointing = extra == "checkpointing"
-    if extra == "compile":
+    model.transformer_encoder.activation_checkpointing = "checkpointing" in options
+    if "compile" in options:
         model.transformer_encoder.compile_token_ops()  # as PretrainTask(compile=True)
-    optimizer = make_optimizer(model, fused=extra == "fused_adamw")
+    optimizer = make_optimizer(model, fused="fused_adamw" in options)
     objectives = build_objectives(OBJECTIVE_WEIGHTS, None, cfg)
 
     def step(batch: CellBatch) -> None:
@@ -289,7 +300,7 @@ def build_variants(args, cfg, shape_name, batches, device) -> dict[str, tuple[St
         for layout in args.layouts:
             variants[f"{backend}/{layout}"] = (ours(args, cfg, backend, device), batches[layout])
         for extra in args.extras:
-            if extra == "fused_adamw" and device.type == "cpu" and not _fused_adamw_on_cpu():
+            if "fused_adamw" in extra.split("+") and device.type == "cpu" and not _fused_adamw_on_cpu():
                 emit(dict(kind="skipped", shape=shape_name, backend=backend, extra=extra,
                           reason=f"AdamW(fused=True) is not available on CPU in torch {torch.__version__}"))
                 continue

@@ -229,21 +229,41 @@ def torch_flash_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
     return out, lse.float()
 
 
-def differentiable_lse(lse: Tensor, q: Tensor, k: Tensor, kernel: VarlenKernel, cu_q: Tensor, cu_k: Tensor,
-                       max_q: int, max_k: int) -> Tensor:
+def lse_gradient_keys(q: Tensor, k: Tensor, kernel: VarlenKernel, cu_q: Tensor, cu_k: Tensor, max_q: int,
+                      max_k: int) -> Tensor | None:
+    """The attention-weighted mean key of each query (Tq, H, Dh), which carries the log-sum-exp's gradient
+    (see :func:`mix_generated`); None when no gradient is needed."""
+    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad):
+        return None
+    return kernel(q.detach(), k.detach(), k, cu_q, cu_k, max_q, max_k)[0]
+
+
+def differentiable_lse(lse: Tensor, q: Tensor, mean_key: Tensor | None) -> Tensor:
     """``lse``'s value with its exact gradient, which FlashAttention kernels' backward passes drop.
 
     With p_ij the attention probabilities, d lse_i / d q_i = scale * sum_j p_ij k_j (the attention output
-    with the keys as values, ``mean_key``) and d lse_i / d k_j = scale * p_ij q_i (what reaches the values
-    of that call when q and the scoring keys are held fixed). Two zero-valued terms carry these gradients.
+    with the keys as values, ``mean_key`` from :func:`lse_gradient_keys`) and d lse_i / d k_j =
+    scale * p_ij q_i (what reaches the values of that call when q and the scoring keys are held fixed).
+    Two zero-valued terms carry these gradients.
     """
-    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad):
+    if mean_key is None:
         return lse.detach()
     scale = 1.0 / math.sqrt(q.shape[-1])
-    mean_key = kernel(q.detach(), k.detach(), k, cu_q, cu_k, max_q, max_k)[0].float()  # (Tq, H, Dh)
+    mean_key = mean_key.float()  # (Tq, H, Dh)
     via_q = scale * (q.float() * mean_key.detach()).sum(-1)  # (Tq, H)
     via_k = scale * (q.detach().float() * mean_key).sum(-1)  # (Tq, H)
     return lse.detach() + (via_q - via_q.detach()) + (via_k - via_k.detach())
+
+
+def mix_generated(cross: Tensor, lse: Tensor, mean_key: Tensor | None, qg: Tensor, kg: Tensor, vg: Tensor) -> Tensor:
+    """Generated queries' output (Tg, H, Dh): the cross-attention to the known keys (``cross``, its
+    log-sum-exp ``lse`` (Tg, H)) mixed with each query's own value by softmax weights. Elementwise only,
+    so ``torch.compile`` fuses it into a few kernels (:meth:`VarlenAttention.compile_elementwise`)."""
+    lse = differentiable_lse(lse, qg, mean_key)  # (Tg, H)
+    self_score = (qg.float() * kg.float()).sum(-1) / math.sqrt(qg.shape[-1])  # (Tg, H)
+    top = torch.maximum(lse, self_score)
+    w_cross, w_self = torch.exp(lse - top)[..., None], torch.exp(self_score - top)[..., None]
+    return ((w_cross * cross.float() + w_self * vg.float()) / (w_cross + w_self)).to(qg.dtype)
 
 
 class _Permute(torch.autograd.Function):
@@ -287,13 +307,15 @@ class GenerativeSplit:
 
 
 def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, gen_mask: Tensor,
-                                kernel: VarlenKernel, split: GenerativeSplit | None = None) -> Tensor:
+                                kernel: VarlenKernel, split: GenerativeSplit | None = None,
+                                mix: Callable[..., Tensor] = mix_generated) -> Tensor:
     """Exact generative-mask attention from two varlen calls on packed tokens.
 
     Known queries attend to the known keys of their cell. A generated query attends to the known keys
     (one varlen cross-attention returning its log-sum-exp ``lse``) and to its own key (score ``s``);
     softmax over the union is the lse-weighted mix ``(e^lse * out_known + e^s * v_self) / (e^lse + e^s)``.
-    The lse's gradient comes from :func:`differentiable_lse` (one more varlen call while training).
+    The lse's gradient comes from :func:`differentiable_lse` (one more varlen call while training);
+    ``mix`` is :func:`mix_generated`, or its compiled form.
     Packed tokens are contiguous per cell, so selecting known or generated tokens keeps cells grouped.
     """
     split = split or GenerativeSplit(cu_seqlens, gen_mask)
@@ -303,11 +325,8 @@ def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
         [split.n_known, t.shape[0] - split.n_known]) for t in (q, k, v))  # (Tk, H, Dh), (Tg, H, Dh)
     out_known = kernel(qk, kk, vk, split.cu_known, split.cu_known, split.max_known, split.max_known)[0]
     cross, lse = kernel(qg, kk, vk, split.cu_gen, split.cu_known, split.max_gen, split.max_known)  # (Tg, H, Dh), (Tg, H)
-    lse = differentiable_lse(lse, qg, kk, kernel, split.cu_gen, split.cu_known, split.max_gen, split.max_known)
-    self_score = (qg.float() * kg.float()).sum(-1) / math.sqrt(q.shape[-1])  # (Tg, H)
-    top = torch.maximum(lse, self_score)
-    w_cross, w_self = torch.exp(lse - top)[..., None], torch.exp(self_score - top)[..., None]
-    out_gen = ((w_cross * cross.float() + w_self * vg.float()) / (w_cross + w_self)).to(q.dtype)
+    mean_key = lse_gradient_keys(qg, kk, kernel, split.cu_gen, split.cu_known, split.max_gen, split.max_known)
+    out_gen = mix(cross, lse, mean_key, qg, kg, vg)  # (Tg, H, Dh)
     return permute_tokens(torch.cat([out_known, out_gen]), split.restore, split.order)
 
 
@@ -317,6 +336,11 @@ class VarlenAttention(AttentionBackend):
     def __init__(self, kernel: VarlenKernel, name: str) -> None:
         self.kernel = kernel
         self.name = name
+        self.mix = mix_generated
+
+    def compile_elementwise(self) -> None:
+        """``torch.compile`` the generated tokens' softmax mixing (elementwise float32 work, dynamic sizes)."""
+        self.mix = torch.compile(mix_generated, dynamic=True)
 
     def plan(self, cu_seqlens, max_seqlen, gen_mask):
         plan = PackedPlan(cu_seqlens, max_seqlen, gen_mask)
@@ -328,7 +352,8 @@ class VarlenAttention(AttentionBackend):
         plan = plan or self.plan(cu_seqlens, max_seqlen, gen_mask)
         if plan.gen_mask is None:
             return self.kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)[0]
-        return generative_varlen_attention(q, k, v, cu_seqlens, plan.gen_mask, self.kernel, plan.cache["split"])
+        return generative_varlen_attention(q, k, v, cu_seqlens, plan.gen_mask, self.kernel, plan.cache["split"],
+                                           self.mix)
 
     def attend(self, q, k, v, allowed):
         raise NotImplementedError("VarlenAttention takes padding and generative masks, not a dense mask")

@@ -94,10 +94,13 @@ class TransformerEncoder(nn.Module):
 
     def compile_token_ops(self) -> None:
         """``torch.compile`` each layer's per-token block (residuals, norms, dropout, FFN) with a dynamic
-        token count. Attention stays eager: its per-cell loop over varying lengths would make the
-        compiler break the graph and recompile for each new length. Parameter names do not change."""
+        token count, and the varlen backends' elementwise mixing of generated tokens. Attention kernels stay
+        eager: sdpa's per-cell loop over varying lengths would make the compiler break the graph and
+        recompile for each new length. Parameter names do not change."""
         for layer in self.layers:
             layer._after_attention = torch.compile(layer._after_attention, dynamic=True)
+        if hasattr(self.backend, "compile_elementwise"):  # varlen backends: the generated tokens' mixing
+            self.backend.compile_elementwise()
 
     def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None) -> Tensor:
         plan = self.backend.plan(layout.cu_seqlens, layout.max_seqlen, gen_mask) if layout.is_packed else None
