@@ -53,7 +53,7 @@ want bench_large && step train_step_b128 80 $BENCH --backends flash_attn --layou
 want profile && step profile_b32 100 $BENCH --backends flash_attn --batch-size 32 --steps 5 --warmup 3 --profile 3
 want scale && for batch in 128 256 384; do
   profile=$([ "$batch" = 256 ] && echo "--profile 2" || echo "")
-  step "train_step_scale_b$batch" 150 $BENCH --backends flash_attn --layouts packed --no-original --batch-size $batch \
+  step "train_step_scale_b$batch" 110 $BENCH --backends flash_attn --layouts packed --no-original --batch-size $batch \
     --steps 8 --warmup 3 --extras fused_adamw,compile+fused_adamw $profile
 done
 
