@@ -1,9 +1,13 @@
 """Synthetic single-cell counts with known ground truth (cell types, gene programs, batch effects).
 
-Counts are negative binomial (Gamma-Poisson) around ``library size x gene proportions``, where each
-cell type multiplies the genes of the programs it activates by a 4-16x fold change and each batch
-multiplies every gene by its own log-normal factor. Everything is drawn from one seeded
-``np.random.default_rng`` so a seed fixes the dataset.
+Counts are negative binomial (Gamma-Poisson, dispersion 0.1-0.3) around ``library size x gene
+proportions``. A few housekeeping genes take 30% of the counts; the other genes' baselines are
+log-normal (most low, so the matrix is ~60% zeros). Each cell type multiplies every non-housekeeping
+gene by its own log-normal(0, 1) factor and the genes of the programs it activates by a further 2-8x
+fold change; each batch multiplies every gene by its own log-normal factor and shifts library sizes
+(log-normal, median ~3,000 counts). After per-cell binning, gene identity explains about half of the
+binned values and cell type a further ~17% (``benchmarks/synthetic_signal.py``). Everything is drawn
+from one seeded ``np.random.default_rng`` so a seed fixes the dataset.
 """
 
 from __future__ import annotations
@@ -22,9 +26,17 @@ import scipy.sparse as sp
 from scgpt.errors import ConfigError
 
 _CHUNK_CELLS = 4096  # cells per sampling chunk; fixed so that results depend only on the seed
-_PROGRAM_SIZE = 20
+GENERATOR_VERSION = 2  # part of the cache name: bump it whenever a seed's counts change
+# Chosen so that cell identity drives a real share of the binned values the model learns
+# (benchmarks/synthetic_signal.py; BENCHMARKS.md "Pretraining and the cell embedding").
+_PROGRAM_SIZE = 40  # genes per program (fewer when the genes do not suffice)
 _HOUSEKEEPING_FRACTION = 0.05  # of genes: highly expressed, never in a program
-_HOUSEKEEPING_SHARE = 0.9  # of counts taken by housekeeping genes: makes the other genes sparse
+_HOUSEKEEPING_SHARE = 0.3  # of counts taken by housekeeping genes (ribosomal/mitochondrial-like)
+_BASE_SIGMA = 2.2  # log-normal spread of the other genes' baseline expression: most genes low, sparse
+_FOLD = (2.0, 8.0)  # range of a program's fold change (log-uniform)
+_TYPE_SIGMA = 1.0  # log-normal factor per (cell type, gene) on every non-housekeeping gene
+_LIBRARY = (3000.0, 0.5)  # median counts per cell and the log-normal spread of library sizes
+_DISPERSION = (0.1, 0.3)  # per-gene negative binomial dispersion range
 
 
 def _check_params(n_cells: int, n_genes: int, n_cell_types: int, n_programs: int, n_batches: int) -> None:
@@ -54,10 +66,10 @@ def _make_programs(
 def _baseline(rng: np.random.Generator, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
     """Baseline gene proportions (G,) and the indices of non-housekeeping genes.
 
-    A few housekeeping genes take most counts; the rest are log-normal with a wide spread, so most of
+    A few housekeeping genes take ``_HOUSEKEEPING_SHARE`` of the counts; the rest are log-normal with a wide spread, so most of
     them are lowly expressed and the matrix is sparse as in real data.
     """
-    base = rng.lognormal(0.0, 2.2, size=n_genes)
+    base = rng.lognormal(0.0, _BASE_SIGMA, size=n_genes)
     n_hk = int(n_genes * _HOUSEKEEPING_FRACTION)
     is_hk = np.zeros(n_genes, dtype=bool)
     if n_hk:
@@ -127,16 +139,17 @@ def make_synthetic_adata(
     _check_params(n_cells, n_genes, n_cell_types, n_programs, n_batches)
     rng = np.random.default_rng(seed)
 
-    # Genes: baseline proportions (most genes low), per-gene NB dispersion 0.2-0.5, programs.
+    # Genes: baseline proportions (most genes low), per-gene NB dispersion, programs.
     base, candidates = _baseline(rng, n_genes)  # (G,)
-    dispersion = rng.uniform(0.2, 0.5, size=n_genes)
+    dispersion = rng.uniform(*_DISPERSION, size=n_genes)
     program_genes, type_programs = _make_programs(rng, candidates, n_cell_types, n_programs)
 
-    # Cell types activate programs: multiply their genes by a 4-16x fold change.
+    # Cell types: a log-normal factor on every non-housekeeping gene, and a 2-8x fold change on their programs.
     type_mult = np.ones((n_cell_types, n_genes))  # (T, G)
     for t, progs in type_programs.items():  # loop over types, not cells
         for p in progs:
-            type_mult[t, program_genes[p]] *= np.exp(rng.uniform(np.log(4.0), np.log(16.0)))
+            type_mult[t, program_genes[p]] *= np.exp(rng.uniform(np.log(_FOLD[0]), np.log(_FOLD[1])))
+    type_mult[:, candidates] *= rng.lognormal(0.0, _TYPE_SIGMA, size=(n_cell_types, candidates.size))
 
     # Batches: multiplicative gene effects and library-size shifts.
     if n_batches > 1:
@@ -145,10 +158,10 @@ def make_synthetic_adata(
     else:
         batch_mult, batch_lib = np.ones((1, n_genes)), np.zeros(1)
 
-    # Cells: balanced, shuffled type and batch labels; log-normal library size (median ~3000).
+    # Cells: balanced, shuffled type and batch labels; log-normal library size.
     cell_type = rng.permutation(np.arange(n_cells) % n_cell_types)
     batch = rng.permutation(np.arange(n_cells) % n_batches)
-    lib = np.exp(np.log(3000.0) + batch_lib[batch] + rng.normal(0.0, 0.4, size=n_cells))
+    lib = np.exp(np.log(_LIBRARY[0]) + batch_lib[batch] + rng.normal(0.0, _LIBRARY[1], size=n_cells))
 
     # Per (type, batch) gene proportions, then counts.
     prop = base[None, None, :] * type_mult[:, None, :] * batch_mult[None, :, :]  # (T, B, G)
@@ -208,11 +221,15 @@ def _resolve_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def default_dataset_path(cache_dir: str | os.PathLike[str] | None = None, **params: Any) -> Path:
-    """``<cache_dir>/synthetic_<cells>x<genes>_t<types>_b<batches>_s<seed>.zarr`` (cache: $SCGPT_CACHE)."""
+    """``<cache_dir>/synthetic_<cells>x<genes>_t<types>_b<batches>_s<seed>_v<version>[...].zarr``.
+
+    The cache directory defaults to $SCGPT_CACHE. The generator version is in the name, so a store cached by an older generator is never reused.
+    """
     p = _resolve_params(params)
     if cache_dir is None:
         cache_dir = os.environ.get("SCGPT_CACHE") or Path.home() / ".cache" / "scgpt"
     name = f"synthetic_{p['n_cells']}x{p['n_genes']}_t{p['n_cell_types']}_b{p['n_batches']}_s{p['seed']}"
+    name += f"_v{GENERATOR_VERSION}"
     if p["n_programs"] is not None:
         name += f"_p{p['n_programs']}"
     name += f"_adt{p['n_proteins']}" if p["n_proteins"] else ""

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from data_modules.synthetic import default_dataset_path, ensure_synthetic_store, make_synthetic_adata
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from synthetic_signal import binned_tokens, signal_shares  # noqa: E402
 
 SMALL = dict(n_cells=600, n_genes=300, n_cell_types=3)
 
@@ -38,9 +44,19 @@ def test_counts_are_non_negative_integers_in_float32_csr(adata):
 def test_sparsity_is_realistic():
     x = make_synthetic_adata(seed=0).X  # defaults: 2000 cells x 500 genes
     zeros = 1.0 - x.nnz / (x.shape[0] * x.shape[1])
-    assert 0.60 <= zeros <= 0.97
+    assert 0.50 <= zeros <= 0.97
     median_library = np.median(np.asarray(x.sum(axis=1)).ravel())
     assert 1500 <= median_library <= 6000
+    genes = np.sort(np.asarray(x.sum(axis=0)).ravel())[::-1]
+    assert 0.2 <= genes[: x.shape[1] // 20].sum() / genes.sum() <= 0.7  # top 5% of genes: a share, not all
+
+
+def test_cell_type_drives_a_real_share_of_the_binned_values(adata):
+    """Per-cell binned values (what pretraining predicts): gene identity is not all, cell type matters."""
+    shares = signal_shares(binned_tokens(adata))
+    gene, with_type = shares["gene only"]["r2"], shares["gene + type"]["r2"]
+    assert 0.3 <= gene <= 0.7
+    assert with_type - gene >= 0.10  # the old generator (90% housekeeping counts): 0.04
 
 
 def test_no_empty_cells(adata):
@@ -100,7 +116,7 @@ def test_synthetic_store_is_written_once_and_holds_the_dataset(tmp_path):
 
     params = dict(n_cells=100, n_genes=50, n_cell_types=2, seed=4)
     path = ensure_synthetic_store(tmp_path, **params)
-    assert path == default_dataset_path(tmp_path, **params) == tmp_path / "synthetic_100x50_t2_b1_s4.zarr"
+    assert path == default_dataset_path(tmp_path, **params) == tmp_path / "synthetic_100x50_t2_b1_s4_v2.zarr"
     mtime = path.stat().st_mtime_ns
     assert ensure_synthetic_store(tmp_path, **params) == path and path.stat().st_mtime_ns == mtime  # not rewritten
     store, made = CellStore(path), make_synthetic_adata(**params)
@@ -114,4 +130,4 @@ def test_synthetic_store_is_written_once_and_holds_the_dataset(tmp_path):
 def test_default_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SCGPT_CACHE", str(tmp_path / "cache"))
     assert default_dataset_path().parent == tmp_path / "cache"
-    assert default_dataset_path().name == "synthetic_2000x500_t5_b1_s0.zarr"
+    assert default_dataset_path().name == "synthetic_2000x500_t5_b1_s0_v2.zarr"
