@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 4 and 8 in one short script, for a machine with one CUDA GPU.
 #
-#   [STEPS="tests bench bench_large profile scale train"] [TRAIN_STRATEGIES="ddp deepspeed_zero2"] bash benchmarks/gpu_checks.sh OUTDIR [WHEELDIR]
+#   [STEPS="tests bench bench_large profile scale train"] [TRAIN_STRATEGIES="ddp deepspeed_zero2"] [TRAIN_OVERRIDES=...] bash benchmarks/gpu_checks.sh OUTDIR [WHEELDIR]
 #
 # 1. the GPU-only tests (attention backends in bf16 against the fp32 reference, fused AdamW);
 # 2. benchmarks/train_step.py on the whole-human shape: the original architecture (padded
 #    nn.TransformerEncoder) side by side with our sdpa / flash_attn backends, padded and packed, with the
 #    compile and fused-AdamW options; then a larger batch (``bench``); a profile of the flash_attn
 #    variants: device-busy against wall time per step and the top kernels (``profile``); per-device batches
-#    of 128, 256 and 384 cells with fused AdamW, with and without compile, the 256 one profiled (``scale``);
+#    of 128, 256 and 384 cells with fused AdamW, with and without compile, flash_attn against its variant
+#    that takes the lse gradient from an extra call, the 256 one profiled (``scale``; SCALE_BATCHES,
+#    SCALE_BACKENDS, SCALE_EXTRAS override);
 # 3. scgpt-train on the whole-human shape, bf16, with strategy=ddp and strategy=deepspeed_zero2 on one GPU:
 #    cells/s, tokens/s, TFLOP/s, MFU and peak memory from each run's summary.json.
 # Each step has its own time limit and the script goes on when one fails; logs and summaries land in OUTDIR.
@@ -51,10 +53,10 @@ BENCH="$PY benchmarks/train_step.py --shapes whole_human --device cuda --dtype b
 want bench && step train_step_b32 150 $BENCH --backends sdpa,flash_attn --batch-size 32 --steps 20 --warmup 5 --extras compile,fused_adamw
 want bench_large && step train_step_b128 80 $BENCH --backends flash_attn --layouts packed --no-original --batch-size 128 --steps 10 --warmup 3
 want profile && step profile_b32 100 $BENCH --backends flash_attn --batch-size 32 --steps 5 --warmup 3 --profile 3
-want scale && for batch in 128 256 384; do
+want scale && for batch in ${SCALE_BATCHES:-128 256 384}; do
   profile=$([ "$batch" = 256 ] && echo "--profile 2" || echo "")
-  step "train_step_scale_b$batch" 110 $BENCH --backends flash_attn --layouts packed --no-original --batch-size $batch \
-    --steps 8 --warmup 3 --extras fused_adamw,compile+fused_adamw $profile
+  step "train_step_scale_b$batch" 110 $BENCH --backends ${SCALE_BACKENDS:-flash_attn,flash_attn_lse_call} --layouts packed \
+    --no-original --batch-size $batch --steps 8 --warmup 3 --extras ${SCALE_EXTRAS:-fused_adamw,compile+fused_adamw} $profile
 done
 
 # Cells of 300-1200 expressed genes (median ~900): the synthetic generator at 10k genes.
@@ -63,7 +65,7 @@ TRAIN=(scgpt-train trainer=gpu model=scgpt_whole_human logger=none model.attenti
        data.global_batch_size=128 data.per_device_batch_size=128 trainer.max_steps=150 task.module.fused_adamw=true
        trainer.val_check_interval=100000 trainer.enable_progress_bar=false checkpoint.every_n_train_steps=100000)
 want train && for strategy in ${TRAIN_STRATEGIES:-ddp deepspeed_zero2}; do
-  step "train_$strategy" 120 $PY -m scgpt.train "${TRAIN[@]:1}" strategy=$strategy "hydra.run.dir=/tmp/runs/$strategy"
+  step "train_$strategy" 120 $PY -m scgpt.train "${TRAIN[@]:1}" strategy=$strategy "hydra.run.dir=/tmp/runs/$strategy" ${TRAIN_OVERRIDES:-}
   cp "/tmp/runs/$strategy/summary.json" "$OUT/summary_$strategy.json" 2>/dev/null
 done
 echo "== done"

@@ -15,7 +15,8 @@ other processes falls on all alike):
   ``--original-attention-dropout 0`` takes that work out of the comparison;
 - ``<backend>/<layout>``: our ``ScGPTModel`` with each attention backend (sdpa, reference, torch_varlen:
   the plain-torch stand-in for flash-attn's varlen path; flash_attn: CUDA + flash-attn only, skipped
-  with a note otherwise) on padded and packed (unpadded) batches;
+  with a note otherwise; flash_attn_lse_call: PyTorch's flash kernel with the log-sum-exp gradient from
+  one more varlen call per layer instead of folded into its backward) on padded and packed batches;
 - ``<backend>/packed+<extra>`` for ``--extras`` (several options joined by ``+`` run together): ``compile`` (torch.compile of the encoder layers'
   per-token blocks, dynamic token count; compile time falls in the warm-up steps), ``checkpointing``
   (activation checkpointing of every encoder layer), ``fused_adamw`` (``AdamW(fused=True)``).
@@ -56,7 +57,7 @@ from original_scgpt import OriginalScGPT  # noqa: E402
 from scgpt.config import ModelConfig  # noqa: E402
 from scgpt.flops import count_flops, mfu, peak_tflops  # noqa: E402
 from scgpt.model.attention import (VarlenAttention, build_attention_backend, flash_attn_available,  # noqa: E402
-                                   torch_varlen_kernel)
+                                   torch_flash_varlen_kernel, torch_varlen_kernel)
 from scgpt.model.scgpt import ScGPTModel  # noqa: E402
 from scgpt.objectives import ObjectiveContext, build_objectives  # noqa: E402
 
@@ -65,7 +66,7 @@ SHAPES = {  # dropout is each shape's default (conf/model/tiny.yaml, conf/model/
     "small": dict(d_model=256, n_layers=4, n_heads=8, d_hid=512, max_seq_len=600, n_bins=51, dropout=0.1),
     "whole_human": dict(d_model=512, n_layers=12, n_heads=8, d_hid=512, max_seq_len=1200, n_bins=51, dropout=0.2),
 }
-BACKENDS = ("sdpa", "reference", "flash_attn", "torch_varlen")
+BACKENDS = ("sdpa", "reference", "flash_attn", "torch_varlen", "flash_attn_lse_call")
 LAYOUTS = ("padded", "packed")
 EXTRAS = ("compile", "checkpointing", "fused_adamw")
 OBJECTIVE_WEIGHTS = {"gep": 1.0, "gen": 1.0, "mvc": 1.0}
@@ -174,8 +175,20 @@ def to_device(batch: CellBatch, device: torch.device) -> CellBatch:
     return CellBatch(**moved)
 
 
+def _torch_flash_lse_by_extra_call(*args):
+    """PyTorch's flash kernel with its lse gradient dropped: the lse gradient then comes from one more varlen
+    call per layer (attention.lse_gradient_keys), as before the folding in varlen_kernels.py."""
+    out, lse = torch_flash_varlen_kernel(*args)
+    return out, lse.detach()
+
+
 def make_backend(name: str, group_tolerance: float | None = None):
-    backend = VarlenAttention(torch_varlen_kernel, "torch_varlen") if name == "torch_varlen" else build_attention_backend(name)
+    if name == "torch_varlen":
+        backend = VarlenAttention(torch_varlen_kernel, "torch_varlen")
+    elif name == "flash_attn_lse_call":
+        backend = VarlenAttention(_torch_flash_lse_by_extra_call, "flash_attn(torch, lse by extra call)")
+    else:
+        backend = build_attention_backend(name)
     if group_tolerance is not None:
         backend.group_tolerance = group_tolerance
     return backend
@@ -293,7 +306,7 @@ def emit(record: dict) -> None:
 def build_variants(args, cfg, shape_name, batches, device) -> dict[str, tuple[StepFn, list[CellBatch]]]:
     variants = {} if args.no_original else {BASELINE: (original(args, cfg, device), batches["padded"])}
     for backend in args.backends:
-        if backend == "flash_attn" and not (device.type == "cuda" and flash_attn_available()):
+        if backend.startswith("flash_attn") and not (device.type == "cuda" and flash_attn_available()):
             emit(dict(kind="skipped", shape=shape_name, backend=backend,
                       reason="flash_attn needs CUDA and the flash-attn package"))
             continue

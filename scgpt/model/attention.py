@@ -33,6 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scgpt.errors import ConfigError
+from scgpt.model.varlen_kernels import flash_varlen_kernel, torch_flash_varlen_kernel, torch_varlen_kernel
+
+__all__ = ["AttentionBackend", "ReferenceAttention", "SdpaAttention", "VarlenAttention", "build_attention_backend",
+           "flash_attn_available", "torch_varlen_kernel", "flash_varlen_kernel", "torch_flash_varlen_kernel"]
 
 # kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k) -> (out (Tq, H, Dh), lse (Tq, H))
 VarlenKernel = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor]]
@@ -192,43 +196,6 @@ class SdpaAttention(AttentionBackend):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
-def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
-    """A plain-torch stand-in for flash-attn's varlen kernel that also returns the log-sum-exp."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    lens_q, lens_k = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
-    outs, lses = [], []
-    for qs, ks, vs in zip(q.split(lens_q), k.split(lens_k), v.split(lens_k)):
-        if qs.shape[0] == 0 or ks.shape[0] == 0:
-            outs.append(qs.new_zeros(qs.shape))
-            lses.append(qs.new_full(qs.shape[:2], float("-inf"), dtype=torch.float32))
-            continue
-        scores = torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale  # (H, lq, lk)
-        lses.append(torch.logsumexp(scores, dim=-1).transpose(0, 1))
-        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vs.float()).to(q.dtype))
-    return torch.cat(outs), torch.cat(lses)
-
-
-def flash_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
-    """flash-attn 2 ``flash_attn_varlen_func`` returning (out (Tq, H, Dh), lse (Tq, H))."""
-    from flash_attn import flash_attn_varlen_func
-
-    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0,
-                                         return_attn_probs=True)
-    if lse.dim() != 2:  # flash-attn < 2.4 returned (B, H, max_q) here
-        raise RuntimeError("flash-attn >= 2.4 is required (varlen softmax_lse of shape (H, T))")
-    return out, lse.transpose(0, 1).float()
-
-
-def torch_flash_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
-    """PyTorch's FlashAttention varlen kernel returning (out (Tq, H, Dh), lse (Tq, H)); fp16/bf16 on CUDA."""
-    from torch.nn.attention.varlen import AuxRequest, varlen_attn
-
-    out, lse = varlen_attn(q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k), return_aux=AuxRequest(lse=True))
-    if lse.shape[0] != q.shape[0] or lse.dim() != 2:  # the kernel returns (H, Tq)
-        lse = lse.transpose(0, 1)
-    return out, lse.float()
-
-
 def lse_gradient_keys(q: Tensor, k: Tensor, kernel: VarlenKernel, cu_q: Tensor, cu_k: Tensor, max_q: int,
                       max_k: int) -> Tensor | None:
     """The attention-weighted mean key of each query (Tq, H, Dh), which carries the log-sum-exp's gradient
@@ -246,8 +213,8 @@ def differentiable_lse(lse: Tensor, q: Tensor, mean_key: Tensor | None) -> Tenso
     scale * p_ij q_i (what reaches the values of that call when q and the scoring keys are held fixed).
     Two zero-valued terms carry these gradients.
     """
-    if mean_key is None:
-        return lse.detach()
+    if mean_key is None:  # no gradient needed, or the kernel's lse carries its own
+        return lse
     scale = 1.0 / math.sqrt(q.shape[-1])
     mean_key = mean_key.float()  # (Tq, H, Dh)
     via_q = scale * (q.float() * mean_key.detach()).sum(-1)  # (Tq, H)
@@ -314,7 +281,8 @@ def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
     Known queries attend to the known keys of their cell. A generated query attends to the known keys
     (one varlen cross-attention returning its log-sum-exp ``lse``) and to its own key (score ``s``);
     softmax over the union is the lse-weighted mix ``(e^lse * out_known + e^s * v_self) / (e^lse + e^s)``.
-    The lse's gradient comes from :func:`differentiable_lse` (one more varlen call while training);
+    The lse's gradient comes from the kernel (``kernel.lse_has_gradient``, see varlen_kernels.py) or else
+    from :func:`differentiable_lse` (one more varlen call while training);
     ``mix`` is :func:`mix_generated`, or its compiled form.
     Packed tokens are contiguous per cell, so selecting known or generated tokens keeps cells grouped.
     """
@@ -325,7 +293,8 @@ def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
         [split.n_known, t.shape[0] - split.n_known]) for t in (q, k, v))  # (Tk, H, Dh), (Tg, H, Dh)
     out_known = kernel(qk, kk, vk, split.cu_known, split.cu_known, split.max_known, split.max_known)[0]
     cross, lse = kernel(qg, kk, vk, split.cu_gen, split.cu_known, split.max_gen, split.max_known)  # (Tg, H, Dh), (Tg, H)
-    mean_key = lse_gradient_keys(qg, kk, kernel, split.cu_gen, split.cu_known, split.max_gen, split.max_known)
+    mean_key = None if getattr(kernel, "lse_has_gradient", False) else \
+        lse_gradient_keys(qg, kk, kernel, split.cu_gen, split.cu_known, split.max_gen, split.max_known)
     out_gen = mix(cross, lse, mean_key, qg, kg, vg)  # (Tg, H, Dh)
     return permute_tokens(torch.cat([out_known, out_gen]), split.restore, split.order)
 

@@ -14,6 +14,7 @@ from scgpt.model.attention import (
     torch_varlen_kernel,
 )
 from scgpt.model.layout import pack_padded
+from scgpt.model.varlen_kernels import fold_lse_gradient, reference_flash_kernel
 from scgpt.errors import ConfigError
 
 from conftest import random_tokens
@@ -114,3 +115,28 @@ def test_packed_cells_grouped_by_length_match_reference(backend_cls, tolerance, 
     for _ in range(2):  # the plan is reused, as by every layer of one forward
         out = backend.packed(pq, pk, pv, layout.cu_seqlens, layout.max_seqlen, packed_gen, plan)
         torch.testing.assert_close(out, expected)
+
+
+def test_flash_backward_with_folded_lse_gradient_matches_autograd():
+    """A FlashAttention-style backward handed out' = out - g_lse / |dO|^2 dO also applies lse's gradient."""
+    g = torch.Generator().manual_seed(3)
+    cu_q, cu_k = torch.tensor([0, 4, 9, 10]), torch.tensor([0, 6, 8, 13])
+    q, k, v = (torch.randn(n, 2, 8, generator=g) for n in (10, 13, 13))
+    w_out, w_lse = torch.randn(10, 2, 8, generator=g), torch.randn(10, 2, generator=g)
+    grads = []
+    for kernel in (torch_varlen_kernel, reference_flash_kernel):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = kernel(*leaves, cu_q, cu_k, 5, 6)
+        ((out * w_out).sum() + (lse * w_lse).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for expected, got in zip(*grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_folding_skips_rows_without_output_gradient():
+    out, grad_out = torch.ones(3, 1, 4), torch.zeros(3, 1, 4)
+    grad_out[0] = 2.0
+    folded = fold_lse_gradient(out, grad_out, torch.tensor([[1.0, 1.0, 1.0]]))  # (H, Tq)
+    assert torch.isfinite(folded).all()
+    torch.testing.assert_close(folded[1:], out[1:])
+    torch.testing.assert_close((grad_out[0] * folded[0]).sum(), (grad_out[0] * out[0]).sum() - 1.0)

@@ -11,6 +11,7 @@ from data_modules.collate import CellCollator, CollatorConfig
 from scgpt.model import ScGPTModel
 from scgpt.model.attention import (ReferenceAttention, SdpaAttention, VarlenAttention, flash_attn_available,
                                    length_groups, torch_varlen_kernel)
+from scgpt.model.varlen_kernels import reference_flash_kernel
 from scgpt.objectives import ObjectiveContext, build_objectives
 
 from conftest import PAD, VOCAB, tiny_config
@@ -33,6 +34,8 @@ def _kernel_dropping_lse_gradient(*args):
 BACKENDS = {"reference": ReferenceAttention, "sdpa": SdpaAttention,
             "torch_varlen": lambda: VarlenAttention(torch_varlen_kernel, "torch_varlen"),
             "varlen_without_lse_gradient": lambda: VarlenAttention(_kernel_dropping_lse_gradient, "flash-like"),
+            # FlashAttention's backward semantics with the lse gradient folded into its `out` (one call fewer)
+            "flash_semantics_lse_folded": lambda: VarlenAttention(reference_flash_kernel, "flash-semantics"),
             "sdpa_grouped": lambda: _grouped(1.0), "sdpa_all_in_one_group": lambda: _grouped(1e9)}
 
 
