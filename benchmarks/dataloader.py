@@ -153,9 +153,9 @@ class RawRows:
     def collate_table(self, table, rows, generator):
         import torch
 
-        block = table.counts[rows]
-        return {"indptr": torch.from_numpy(block.indptr), "indices": torch.from_numpy(block.indices),
-                "counts": torch.from_numpy(block.data)}
+        indptr, indices, data = table.take(rows)
+        return {"indptr": torch.from_numpy(indptr), "indices": torch.from_numpy(indices),
+                "counts": torch.from_numpy(data)}
 
 
 def _vm_hwm_mib(pid: int | str = "self") -> float:

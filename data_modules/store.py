@@ -24,6 +24,7 @@ Only ``X`` and ``var`` enter it; obs metadata does not.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -39,9 +40,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
+import zarr.core.buffer
+from zarr.core.sync import sync as zarr_sync
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from data_modules.cells import CellTable
+from data_modules.cells import CellTable, CsrArena
 from data_modules.modality import FEATURE_TYPE_COLUMN, GENE_EXPRESSION, feature_types_of
 from scgpt.errors import DataError
 from scgpt.tokenizer.vocab import GeneVocab
@@ -722,6 +725,52 @@ def write_store(adata: ad.AnnData, out: str | os.PathLike, *, vocab: GeneVocab |
 # ------------------------------------------------------------------------------------------------
 # Reader
 # ------------------------------------------------------------------------------------------------
+PYTHON_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
+ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
+_ZARRS_PIDS: set[int] = set()  # processes in which a zarrs-decoded array was opened (its threads run there)
+
+
+def block_codec_pipeline() -> str:
+    """The codec pipeline that decodes the X blocks: the Rust ``zarrs`` pipeline when the optional ``zarrs``
+    package is importable, zarr-python's otherwise; ``SCGPT_ZARRS=0`` forces zarr-python, ``SCGPT_ZARRS=1``
+    requires zarrs.
+
+    zarrs decodes on a process-wide thread pool, and a process forked after that pool started inherits it
+    without its threads: any zarrs read there hangs. So metadata, obs and whole-``indptr`` reads always use
+    zarr-python (setting a DataModule up never starts the pool in the parent, and forked DataLoader
+    workers start their own), and a process forked from one whose pool runs (a DataLoader with workers
+    after a 0-worker pass over zarrs, for example) decodes with zarr-python instead of hanging."""
+    setting = os.environ.get("SCGPT_ZARRS", "auto").strip().lower()
+    if setting in ("0", "false", "no", "off") or inherited_zarrs_pool():
+        return PYTHON_PIPELINE
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        if setting in ("1", "true", "yes", "on"):
+            raise DataError("SCGPT_ZARRS=1 but the zarrs package is not installed; pip install zarrs "
+                            "or unset SCGPT_ZARRS") from None
+        return PYTHON_PIPELINE
+    return ZARRS_PIPELINE
+
+
+def zarrs_started_here() -> bool:
+    """Whether this process has opened a zarrs-decoded array (its thread pool runs here)."""
+    return os.getpid() in _ZARRS_PIDS
+
+
+def inherited_zarrs_pool() -> bool:
+    """Whether this process was forked from one running zarrs' thread pool (zarrs would hang here)."""
+    return bool(_ZARRS_PIDS) and not zarrs_started_here()
+
+
+async def _read_into(pairs: list[tuple[zarr.Array, int, int, np.ndarray]]) -> None:
+    """Values [a, b) of each array into its ``out`` array, all reads at once (the pipeline decodes the
+    chunks of concurrent reads in parallel)."""
+    nd = zarr.core.buffer.default_buffer_prototype().nd_buffer
+    await asyncio.gather(*(array.async_array.get_orthogonal_selection((slice(a, b),), out=nd.from_numpy_array(out))
+                           for array, a, b, out in pairs if b > a))
+
+
 class CellStore:
     """A store opened lazily: ``__init__`` reads only the root ``zarr.json``, so an unused instance pickles
     cheaply into DataLoader workers, each of which opens its own zarr handles on first use."""
@@ -745,13 +794,14 @@ class CellStore:
         self.meta: dict = meta
         self._group: zarr.Group | None = None
         self._cache: dict = {}
+        self._pid = os.getpid()  # the process that opened the handles
 
     # pickling: never ship open zarr handles or caches to workers ---------------------------------
     def __getstate__(self) -> dict:
         return {"path": self.path, "meta": self.meta}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _group=None, _cache={})
+        self.__dict__.update(state, _group=None, _cache={}, _pid=os.getpid())
 
     def __repr__(self) -> str:
         return f"CellStore({str(self.path)!r}, n_cells={self.n_cells}, n_genes={self.n_genes})"
@@ -764,16 +814,33 @@ class CellStore:
         return self._group is not None
 
     def _open(self) -> zarr.Group:
+        if self._group is not None and self._pid != os.getpid():  # forked (DataLoader worker): own handles
+            self._group, self._cache = None, {}
         if self._group is None:
-            with warnings.catch_warnings():
+            self._pid = os.getpid()
+            with warnings.catch_warnings(), zarr.config.set({"codec_pipeline.path": PYTHON_PIPELINE}):
                 warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec
                 self._group = zarr.open_group(str(self.path), mode="r")
         return self._group
 
     def _array(self, key: str) -> zarr.Array:
+        """Array ``key`` decoded by zarr-python (metadata, obs, whole-array reads: safe before forking)."""
+        group = self._open()
         if key not in self._cache:
-            self._cache[key] = self._open()[key]
+            with zarr.config.set({"codec_pipeline.path": PYTHON_PIPELINE}):
+                self._cache[key] = group[key]
         return self._cache[key]
+
+    def _block_array(self, key: str) -> zarr.Array:
+        """Array ``key`` decoded by :func:`block_codec_pipeline` (the X reads of blocks)."""
+        group = self._open()
+        if ("block", key) not in self._cache:
+            pipeline = block_codec_pipeline()
+            with zarr.config.set({"codec_pipeline.path": pipeline}):
+                self._cache["block", key] = group[key]
+            if pipeline == ZARRS_PIPELINE:
+                _ZARRS_PIDS.add(os.getpid())
+        return self._cache["block", key]
 
     # metadata --------------------------------------------------------------------------------------
     n_cells = property(lambda self: int(self.meta["n_cells"]))
@@ -832,13 +899,23 @@ class CellStore:
     # blocks ----------------------------------------------------------------------------------------
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) as CSR over the store's genes: one contiguous read of each X array."""
+        indptr, data, indices = self._read_csr(start, stop, None)
+        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
+
+    def _read_csr(self, start: int, stop: int, arena: CsrArena | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """indptr (from 0), data and indices of rows [start, stop); data/indices are read straight into
+        the next values of ``arena`` when given (else into new arrays), data and indices concurrently."""
         if not 0 <= start <= stop <= self.n_cells:
             raise IndexError(f"rows [{start}, {stop}) out of range for {self.n_cells} cells in {self.path}")
-        indptr = np.asarray(self._array("X/indptr")[start:stop + 1], dtype=np.int64)
+        indptr = np.asarray(self._block_array("X/indptr")[start:stop + 1], dtype=np.int64)
         a, b = int(indptr[0]), int(indptr[-1])
-        indices = self._array("X/indices")[a:b] if b > a else np.zeros(0, np.int32)
-        data = self._array("X/data")[a:b] if b > a else np.zeros(0, np.float32)
-        return sp.csr_matrix((data, indices, indptr - a), shape=(stop - start, self.n_genes))
+        data_array, indices_array = self._block_array("X/data"), self._block_array("X/indices")
+        if arena is None:
+            data, indices = np.empty(b - a, data_array.dtype), np.empty(b - a, indices_array.dtype)
+        else:
+            data, indices = arena.alloc(b - a)
+        zarr_sync(_read_into([(data_array, a, b, data), (indices_array, a, b, indices)]))
+        return indptr - a, data, indices
 
     def _vocab_map(self, vocab: GeneVocab) -> tuple[np.ndarray, np.ndarray]:
         """Per store gene: its column in the block (-1: dropped), and the vocab id of each block column."""
@@ -851,21 +928,27 @@ class CellStore:
             self._cache["vocab", id(vocab)] = cached
         return cached[1], cached[2]
 
-    def read_block(self, start: int, stop: int, label_keys: Sequence[str], vocab: GeneVocab) -> CellTable:
+    def read_block(self, start: int, stop: int, label_keys: Sequence[str], vocab: GeneVocab,
+                   arena: CsrArena | None = None) -> CellTable:
         """Rows [start, stop) as a :class:`CellTable` with gene ids of ``vocab`` (genes it lacks are dropped)
-        and labels coded by the store-wide categories of :meth:`label_categories` (-1: missing)."""
-        x = self.read_counts(start, stop)
+        and labels coded by the store-wide categories of :meth:`label_categories` (-1: missing). With an
+        ``arena`` the values land in its next slots (see :meth:`CellTable.from_arena`)."""
+        indptr, data, indices = self._read_csr(start, stop, arena)
         col, gene_ids = self._vocab_map(vocab)
-        if gene_ids.size < self.n_genes:
-            mapped = col[x.indices]
+        if gene_ids.size < self.n_genes:  # drop the genes outside the vocabulary, compacting in place
+            mapped = col[indices]
             keep = mapped >= 0
-            indptr = np.r_[0, np.cumsum(keep)][x.indptr]
-            x = sp.csr_matrix((x.data[keep], mapped[keep], indptr), shape=(x.shape[0], gene_ids.size))
+            n = int(keep.sum())
+            indptr = np.r_[0, np.cumsum(keep)][indptr]
+            data[:n], indices[:n] = data[keep], mapped[keep]
+            data, indices = data[:n], indices[:n]
+            if arena is not None:
+                arena.release(keep.size - n)
         labels, names = {}, {}
         for key in label_keys:
             names[key] = self.label_categories(key)
             labels[key] = np.asarray(self._array(f"obs/{key}/codes")[start:stop], dtype=np.int64)
-        return CellTable(counts=x, gene_ids=gene_ids, labels=labels, label_names=names)
+        return CellTable(gene_ids=gene_ids, labels=labels, label_names=names, csr=(indptr, indices, data))
 
     def compute_fingerprint(self, block_values: int = DATA_SHARD) -> str:
         """Recompute the fingerprint from the arrays (reads everything, in shard-sized contiguous blocks)."""

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_modules.cells import CellTable
+from data_modules.cells import CellTable, CsrArena
 from data_modules.collate import CellCollator
+from data_modules.store import CellStore
 from scgpt.errors import DataError
 from scgpt.seeding import make_generator
 
@@ -137,14 +138,24 @@ class CellBatchStream(IterableDataset):
     def __len__(self) -> int:
         return self.plan.batches_per_rank(self.epoch)
 
-    def _read(self, group: list[Block]) -> CellTable:
+    def _read(self, group: list[Block], arena: CsrArena) -> CellTable:
+        """A group's blocks as one table (the shuffle buffer). Stores read each block straight into the
+        reused ``arena`` (no concatenation copy); other sources' blocks are concatenated."""
+        direct = all(isinstance(self.sources[b.source], CellStore) for b in group)
+        if direct:
+            arena.reset()
         tables = []
         for block in group:
-            table = self.sources[block.source].read_block(block.start, block.stop, self.label_keys, self.vocab)
+            source = self.sources[block.source]
+            table = (source.read_block(block.start, block.stop, self.label_keys, self.vocab, arena=arena) if direct
+                     else source.read_block(block.start, block.stop, self.label_keys, self.vocab))
             for key in self.label_keys:  # store-wide codes -> dataset-wide codes (-1 stays missing)
                 table.labels[key] = np.where(table.labels[key] >= 0, self.label_maps[key][block.source][table.labels[key]], -1)
             tables.append(table)
-        return CellTable.concat(tables)
+        if not direct:
+            return CellTable.concat(tables)
+        return CellTable.from_arena(arena, [np.diff(t.indptr) for t in tables], [t.gene_ids for t in tables],
+                                    [t.labels for t in tables], tables[0].label_names)
 
     def __iter__(self):
         info = get_worker_info()
@@ -154,7 +165,7 @@ class CellBatchStream(IterableDataset):
         worker = ((0 if info is None else info.id) + self.skip) % plan.num_workers
         total = plan.batches_per_worker(epoch)
         skip = worker_share(self.skip, worker, plan.num_workers)
-        step = 0
+        step, arena = 0, CsrArena()
         for index, group in enumerate(plan.worker_groups(epoch, self.rank, worker)):
             n_batches = min(plan.group_batches(group), total - step)
             if n_batches <= 0:
@@ -162,7 +173,7 @@ class CellBatchStream(IterableDataset):
             if step + n_batches <= skip:  # resume: skip the whole group without reading it
                 step += n_batches
                 continue
-            table = self._read(group)
+            table = self._read(group, arena)
             order = torch.randperm(table.n_cells,
                                    generator=make_generator(plan.seed, epoch, self.rank, worker, BUFFER_STREAM, index))
             domains = table.labels[plan.domain_key] if plan.domain_key else None

@@ -14,6 +14,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from data_modules.cells import CellTable
+import data_modules.store as store_module
 from data_modules.store import CellStore, convert_to_store, open_dataset, write_manifest, write_store
 from data_modules.synthetic import make_synthetic_adata
 from scgpt.errors import DataError
@@ -95,19 +96,16 @@ def test_blocks_cover_the_store_and_read_contiguously(adata, store, monkeypatch)
     parts = [cs.read_block(a, min(a + 70, cs.n_cells), [], vocab).counts for a in range(0, cs.n_cells, 70)]
     assert (sp.vstack(parts) != ad.read_zarr(store).X).nnz == 0
     calls = []
-    data = cs._array("X/data")
-    monkeypatch.setitem(cs._cache, "X/data", _Recorder(data, calls))
+    original = store_module._read_into
+
+    async def recording(pairs):
+        calls.extend((array.path, a, b) for array, a, b, _ in pairs)
+        await original(pairs)
+
+    monkeypatch.setattr(store_module, "_read_into", recording)
     cs.read_block(0, cs.n_cells, [], vocab)
-    assert calls == [slice(0, cs.nnz)]  # the whole block in one slice, not per cell
-
-
-class _Recorder:
-    def __init__(self, array, calls):
-        self.array, self.calls = array, calls
-
-    def __getitem__(self, key):
-        self.calls.append(key)
-        return self.array[key]
+    # the whole block in one slice of each X array (read together), not per cell
+    assert calls == [("X/data", 0, cs.nnz), ("X/indices", 0, cs.nnz)]
 
 
 def test_store_opens_lazily_and_pickles(store):
