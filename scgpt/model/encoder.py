@@ -27,21 +27,33 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend,
-                plan: PackedPlan | None = None) -> Tensor:
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (..., 3D)
-        qkv = qkv.unflatten(-1, (3, self.n_heads, -1))  # (..., 3, H, Dh)
+    def project(self, x: Tensor) -> Tensor:
+        """(..., D) -> q/k/v (..., 3, H, Dh)."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, self.n_heads, -1))
+
+    def attend(self, qkv: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend,
+               plan: PackedPlan | None = None) -> Tensor:
+        """q/k/v (..., 3, H, Dh) -> attention output (..., D), before the output projection."""
         if layout.is_packed:
             q, k, v = qkv.unbind(dim=-3)  # (T, H, Dh)
             out = backend.packed(q, k, v, layout.cu_seqlens, layout.max_seqlen, gen_mask, plan)
         else:
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # (B, H, L, Dh)
             out = backend.padded(q, k, v, layout.padding_mask, gen_mask).transpose(1, 2)  # (B, L, H, Dh)
-        return self.out_proj(out.flatten(-2))  # (..., D)
+        return out.flatten(-2)  # (..., D)
+
+    def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend,
+                plan: PackedPlan | None = None) -> Tensor:
+        return self.out_proj(self.attend(self.project(x), layout, gen_mask, backend, plan))  # (..., D)
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention + ReLU FFN of width ``d_hid``, post-norm (scGPT) or pre-norm."""
+    """Self-attention + ReLU FFN of width ``d_hid``, post-norm (scGPT) or pre-norm.
+
+    A layer runs as three steps: ``_before_attention`` (pre-norm LayerNorm and the q/k/v projection), the
+    attention kernels, and ``_after_attention`` (output projection, residuals, norms, FFN). The first and
+    last hold only per-token work; they are what ``TransformerEncoder.compile_token_ops`` compiles.
+    """
 
     def __init__(self, d_model: int, n_heads: int, d_hid: int, dropout: float, norm_scheme: str, eps: float) -> None:
         super().__init__()
@@ -58,8 +70,13 @@ class EncoderLayer(nn.Module):
     def _ffn(self, x: Tensor) -> Tensor:
         return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
-    def _after_attention(self, x: Tensor, attn: Tensor) -> Tensor:
-        """Residuals, norms and FFN: per-token work only, the part ``compile_token_ops`` compiles."""
+    def _before_attention(self, x: Tensor) -> Tensor:
+        """(..., D) -> q/k/v (..., 3, H, Dh)."""
+        return self.self_attn.project(self.norm1(x) if self.pre_norm else x)
+
+    def _after_attention(self, x: Tensor, heads: Tensor) -> Tensor:
+        """Output projection of the attention ``heads`` (..., D), residuals, norms and FFN."""
+        attn = self.self_attn.out_proj(heads)  # (..., D)
         if self.pre_norm:
             x = x + self.dropout1(attn)
             return x + self._ffn(self.norm2(x))
@@ -68,8 +85,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None, backend: AttentionBackend,
                 plan: PackedPlan | None = None) -> Tensor:
-        attn = self.self_attn(self.norm1(x) if self.pre_norm else x, layout, gen_mask, backend, plan)
-        return self._after_attention(x, attn)
+        heads = self.self_attn.attend(self._before_attention(x), layout, gen_mask, backend, plan)  # (..., D)
+        return self._after_attention(x, heads)
 
 
 class TransformerEncoder(nn.Module):
@@ -93,11 +110,12 @@ class TransformerEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm_scheme == "pre" else None
 
     def compile_token_ops(self) -> None:
-        """``torch.compile`` each layer's per-token block (residuals, norms, dropout, FFN) with a dynamic
-        token count, and the varlen backends' elementwise mixing of generated tokens. Attention kernels stay
+        """``torch.compile`` each layer's per-token blocks (projections, residuals, norms, dropout, FFN) with
+        a dynamic token count, and the varlen backends' elementwise mixing of generated tokens. Attention kernels stay
         eager: sdpa's per-cell loop over varying lengths would make the compiler break the graph and
         recompile for each new length. Parameter names do not change."""
         for layer in self.layers:
+            layer._before_attention = torch.compile(layer._before_attention, dynamic=True)
             layer._after_attention = torch.compile(layer._after_attention, dynamic=True)
         if hasattr(self.backend, "compile_elementwise"):  # varlen backends: the generated tokens' mixing
             self.backend.compile_elementwise()
