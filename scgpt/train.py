@@ -270,8 +270,45 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return metric  # for sweepers (hparams_search=optuna)
 
 
+def one_line(message: str) -> str:
+    """Hydra's multi-line composition errors as one line; a list under a line ending in ':' (the available
+    options of a group) becomes comma-separated."""
+    parts: list[str] = []
+    listing = False
+    for line in (raw.strip() for raw in message.split("Config search path:")[0].splitlines()):
+        if not line:
+            continue
+        if listing and " " not in line:
+            parts[-1] += ("" if parts[-1].endswith(":") else ",") + " " + line
+            continue
+        listing = line.endswith(":")
+        parts.append(line)
+    return " ".join(p if p.endswith((".", ":")) else p + "." for p in parts)
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose the config from the command-line overrides before Hydra runs, so that an unknown group option,
+    a misspelt key or a malformed override is a one-line ConfigError (exit code 2), not Hydra's report."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"command line: {one_line(str(exc))}") from None
+
+
 def main() -> None:
-    """Console entry point ``scgpt-train``."""
+    """Console entry point ``scgpt-train``. Hydra's own flags (--multirun, --help, ...) skip the pre-check."""
+    overrides = sys.argv[1:]
+    if not any(arg.startswith("-") for arg in overrides):
+        try:
+            check_overrides(overrides)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
     _hydra_main()
 
 

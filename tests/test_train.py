@@ -97,8 +97,22 @@ def test_errors_raised_in_constructors_are_one_line_too(tmp_path, override, mess
 
 def test_cli_unknown_group_option_lists_the_available_ones(tmp_path):
     result = _cli(["model=huge"], cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Could not find 'model/huge'" in result.stderr and "tiny" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: command line: In 'config': Could not find 'model/huge'. "
+        "Available options in 'model': scgpt_whole_human, small, tiny, vae."]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.max_stepz=1", "Could not override 'trainer.max_stepz'. To append to your config use +trainer.max_stepz=1."),
+    ("trainer.max_steps=[1", "no viable alternative at input '[1'"),
+])
+def test_cli_bad_override_is_one_line_and_exit_code_2(tmp_path, override, expected):
+    result = _cli([override], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: command line: ") and expected in lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing half-written
 
 
 def _weights(checkpoint_path):
