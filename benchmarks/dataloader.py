@@ -51,19 +51,23 @@ if pipeline == "zarrs":  # annbatch's recommended codec pipeline
     import zarrs  # noqa: F401
     zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 X = ad.io.sparse_dataset(zarr.open_group(store, mode="r")["X"])
+cpu0 = time.process_time()
 loader = Loader(chunk_size=chunk, preload_nchunks=preload, batch_size=batch, shuffle=True, drop_last=True,
                 preload_to_gpu=False, rng=np.random.default_rng(0)).add_dataset(X)
 start = time.perf_counter()
 it = iter(loader)
 first = next(it)["X"]
 t_first = time.perf_counter()
+cpu_first = time.process_time()
 cells = 0
 for out in it:
     cells += out["X"].shape[0]
     if time.perf_counter() - t_first > seconds or cells >= max_cells:
         break
 elapsed = time.perf_counter() - t_first
-print(json.dumps({"cells": cells, "seconds": elapsed, "first_batch_s": t_first - start,
+cpu = time.process_time() - cpu_first
+print(json.dumps({"cells": cells, "seconds": elapsed, "first_batch_s": t_first - start, "cpu_s": cpu,
+                  "cells_per_cpu_s": cells / cpu if cpu > 0 else None,
                   "first_batch_nnz": int(first.nnz), "codec_pipeline": pipeline,
                   "peak_rss_mib": next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024}))
 """
@@ -242,7 +246,12 @@ def measure(kind: str, a: dict) -> dict:
 
     torch.set_num_threads(1)
     peak = PeakRss()
-    if a.get("pipeline") == "zarrs":  # the Rust codec pipeline annbatch recommends, for our reads too
+    # the codec pipeline: our stores decode X blocks with zarrs when it is installed (SCGPT_ZARRS=0 forces
+    # zarr-python; workers inherit the setting); scDataset reads through zarr's global setting (setting it
+    # globally for ours would make forked workers fall back to zarr-python: see block_codec_pipeline)
+    if "pipeline" in a:
+        os.environ["SCGPT_ZARRS"] = "1" if a["pipeline"] == "zarrs" else "0"
+    if a.get("pipeline") == "zarrs" and kind == "scdataset":
         import zarr
         import zarrs  # noqa: F401
 
@@ -368,8 +377,8 @@ def main() -> None:
     p.add_argument("--max-cells", type=int, default=120_000, help="cell budget of each measurement")
     p.add_argument("--annbatch-python", default=None, help="a Python >= 3.12 with annbatch installed")
     p.add_argument("--pipelines", default="zarr-python,zarrs",
-                   help="zarr codec pipelines for the raw runs (the first also for tokenized runs); zarrs needs "
-                        "`pip install zarrs` in both venvs")
+                   help="zarr codec pipelines for the raw runs (the last also for tokenized runs: our default "
+                        "when zarrs is installed); zarrs needs `pip install zarrs` in both venvs")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the raw ours/annbatch runs")
     p.add_argument("--skip", default="", help="comma list of: backed, annbatch, scdataset, rss")
     p.add_argument("--rss-cells", default="1000000,10000000")
@@ -404,8 +413,6 @@ def main() -> None:
         for repeat in range(args.repeats):  # raw runs of ours and annbatch interleaved; the summary takes the best
             for workers in map(int, args.workers.split(",")):
                 for pipeline in pipelines:
-                    if pipeline == "zarrs" and workers > 0:  # zarrs' threads, started in the parent, hang forked workers
-                        continue
                     r = run_measure("ours_raw", {**common, "batch": batch, "workers": workers, "pipeline": pipeline})
                     records.append(emit({"kind": "ours_raw", "batch": batch, "workers": workers, "pipeline": pipeline,
                                          "repeat": repeat, **r}))
@@ -419,9 +426,9 @@ def main() -> None:
                                          "pipeline": pipeline, "chunk_size": chunk, "preload_nchunks": preload,
                                          "repeat": repeat, **r}))
         for workers in map(int, args.workers.split(",")):
-            r = run_measure("ours_tokenized", {**common, "batch": batch, "workers": workers, "pipeline": pipelines[0]})
+            r = run_measure("ours_tokenized", {**common, "batch": batch, "workers": workers, "pipeline": pipelines[-1]})
             records.append(emit({"kind": "ours_tokenized", "batch": batch, "workers": workers,
-                                 "pipeline": pipelines[0], **r}))
+                                 "pipeline": pipelines[-1], **r}))
         if "scdataset" not in skip:
             r = run_measure("scdataset", {**common, "batch": batch, "workers": 0, "seconds": min(args.seconds, 10.0)})
             records.append(emit({"kind": "scdataset", "batch": batch, "workers": 0, "block": args.block_size, **r}))
@@ -447,10 +454,10 @@ def _du(path: Path) -> float:
 
 
 def summarize(records: list[dict]) -> dict:
-    def rate(kind, batch, workers=0, **extra):  # the best of the repeats
-        return max((r["cells_per_s"] for r in records
+    def rate(kind, batch, workers=0, key="cells_per_s", **extra):  # the best of the repeats
+        return max((r[key] for r in records
                     if r.get("kind") == kind and r.get("batch") == batch and r.get("workers") == workers
-                    and all(r.get(k) == v for k, v in extra.items()) and r.get("cells_per_s")), default=None)
+                    and all(r.get(k) == v for k, v in extra.items()) and r.get(key)), default=None)
 
     out = {}
     for batch in sorted({r["batch"] for r in records if "batch" in r}):
@@ -460,6 +467,10 @@ def summarize(records: list[dict]) -> dict:
                 theirs = rate("annbatch", batch, settings=label, pipeline=pipeline)
                 if ours and theirs:
                     out[f"raw_vs_annbatch_{label}_{pipeline}_b{batch}"] = round(ours / theirs, 2)
+                ours_cpu = rate("ours_raw", batch, key="cells_per_cpu_s", pipeline=pipeline)
+                theirs_cpu = rate("annbatch", batch, key="cells_per_cpu_s", settings=label, pipeline=pipeline)
+                if ours_cpu and theirs_cpu:  # cells per CPU-second: steadier on a shared machine
+                    out[f"raw_per_cpu_vs_annbatch_{label}_{pipeline}_b{batch}"] = round(ours_cpu / theirs_cpu, 2)
             best_raw = max(filter(None, [rate("ours_raw", batch, w, pipeline=pipeline) for w in (0, 1, 2)]), default=None)
             theirs = rate("annbatch", batch, settings="same_as_ours", pipeline=pipeline)
             if best_raw and theirs:

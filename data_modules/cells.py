@@ -91,20 +91,11 @@ class CellTable:
         return self._counts
 
     def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The CSR ``(indptr, indices, data)`` of ``rows`` in the given order (copies; int64 indptr)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        starts = self.indptr[rows]
-        lengths = self.indptr[rows + 1] - starts  # (B,)
-        indptr = np.empty(rows.size + 1, np.int64)
-        indptr[0] = 0
-        np.cumsum(lengths, out=indptr[1:])
-        indices = np.empty(int(indptr[-1]), self.indices.dtype)
-        data = np.empty(int(indptr[-1]), self.data.dtype)
-        # one slice copy per row: rows are long (~10^3 values), so this beats a flat fancy index
-        for start, a, b in zip(starts.tolist(), indptr[:-1].tolist(), indptr[1:].tolist()):
-            indices[a:b] = self.indices[start:start + b - a]
-            data[a:b] = self.data[start:start + b - a]
-        return indptr, indices, data
+        """The CSR ``(indptr, indices, data)`` of ``rows`` in the given order (copies; int64 indptr): one
+        row-gather pass in scipy's compiled code over the table's (shared, never copied) arrays, measured
+        faster here than a flat numpy fancy index or per-row slice copies (rows hold ~10^3 values)."""
+        block = self.counts[np.asarray(rows, dtype=np.int64)]
+        return block.indptr.astype(np.int64, copy=False), block.indices, block.data
 
     def cells(self, rows: np.ndarray) -> list[dict]:
         """The given rows as collator input, in the given order."""

@@ -763,6 +763,11 @@ def inherited_zarrs_pool() -> bool:
     return bool(_ZARRS_PIDS) and not zarrs_started_here()
 
 
+def _python_pipeline():
+    """A context in which opened arrays decode with zarr-python's pipeline, whatever the global setting."""
+    return zarr.config.set({"codec_pipeline.path": PYTHON_PIPELINE})
+
+
 async def _read_into(pairs: list[tuple[zarr.Array, int, int, np.ndarray]]) -> None:
     """Values [a, b) of each array into its ``out`` array, all reads at once (the pipeline decodes the
     chunks of concurrent reads in parallel)."""
@@ -818,7 +823,9 @@ class CellStore:
             self._group, self._cache = None, {}
         if self._group is None:
             self._pid = os.getpid()
-            with warnings.catch_warnings(), zarr.config.set({"codec_pipeline.path": PYTHON_PIPELINE}):
+            if zarr.config.get("codec_pipeline.path") == ZARRS_PIPELINE:  # set globally: whatever this process
+                _ZARRS_PIDS.add(self._pid)  # reads outside our stores may start zarrs' pool, so forks fall back
+            with warnings.catch_warnings(), _python_pipeline():
                 warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec
                 self._group = zarr.open_group(str(self.path), mode="r")
         return self._group
@@ -827,7 +834,7 @@ class CellStore:
         """Array ``key`` decoded by zarr-python (metadata, obs, whole-array reads: safe before forking)."""
         group = self._open()
         if key not in self._cache:
-            with zarr.config.set({"codec_pipeline.path": PYTHON_PIPELINE}):
+            with _python_pipeline():
                 self._cache[key] = group[key]
         return self._cache[key]
 
@@ -851,7 +858,8 @@ class CellStore:
     @property
     def var(self) -> pd.DataFrame:
         if "var" not in self._cache:
-            self._cache["var"] = ad.io.read_elem(self._open()["var"])
+            with _python_pipeline():
+                self._cache["var"] = ad.io.read_elem(self._open()["var"])
         return self._cache["var"]
 
     @property
@@ -872,7 +880,8 @@ class CellStore:
             if not self.is_categorical(key):
                 raise DataError(f"{self.path}: obs column {key!r} is not categorical; use a categorical "
                                 "column (strings are stored as categories) as a label")
-            values = ad.io.read_elem(self._open()["obs"][key]["categories"])
+            with _python_pipeline():
+                values = ad.io.read_elem(self._open()["obs"][key]["categories"])
             self._cache["categories", key] = [str(v) for v in values]
         return self._cache["categories", key]
 
@@ -889,8 +898,9 @@ class CellStore:
 
     def vocab(self) -> GeneVocab:
         """The vocabulary the store was converted with."""
-        node = self._open()["uns/scgpt_vocab"]
-        tokens, ids = ad.io.read_elem(node["tokens"]), ad.io.read_elem(node["ids"])
+        with _python_pipeline():
+            node = self._open()["uns/scgpt_vocab"]
+            tokens, ids = ad.io.read_elem(node["tokens"]), ad.io.read_elem(node["ids"])
         return GeneVocab({str(t): int(i) for t, i in zip(tokens, ids)})
 
     def nnz_per_cell(self) -> np.ndarray:
