@@ -24,12 +24,9 @@ import torch
 
 from data_modules.store import anndata_writing
 from scgpt.checkpoints import build_model, read_checkpoint
-from scgpt.embed import (DEFAULT_MIN_OVERLAP, EMBED_STREAM, CellTokenizer, GeneMatch, RowSource, _cells, _device,
-                         _open_input, _progress, _tokenize, check_paths, match_genes, output_copy,
-                         rows_of_anndata)
+from scgpt.embed import (DEFAULT_MIN_OVERLAP, CellTokenizer, GeneMatch, RowSource, _device, _open_input, _progress,
+                         check_paths, iter_cell_outputs, match_genes, output_copy, rows_of_anndata)
 from scgpt.errors import CheckpointError, ConfigError, DataError, ScgptError
-from scgpt.model.layout import TokenLayout
-from scgpt.seeding import make_generator
 
 
 @dataclass
@@ -64,24 +61,13 @@ def load_classifier(path: str | os.PathLike, vocab: str | None = None, device: s
 def iter_probabilities(clf: Classifier, rows: RowSource, match: GeneMatch, batch_size: int = 64,
                        device: str = "cpu", seed: int = 0, chunk_rows: int = 4096,
                        advance: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (first row, class probabilities (n, C) float32) for consecutive blocks of rows."""
-    collator = clf.tokenizer.collator(gene_universe=match.gene_ids)
-    chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)
-    for chunk_start in range(0, rows.n_obs, chunk_rows):
-        cells, _ = _cells(rows.read(chunk_start, min(chunk_start + chunk_rows, rows.n_obs)), match)
-        out = []
-        for offset in range(0, len(cells), batch_size):
-            batch = cells[offset:offset + batch_size]
-            generator = make_generator(seed, EMBED_STREAM, chunk_start + offset)  # as scgpt-embed
-            gene_ids, values, padding = _tokenize(collator, batch, generator, clf.tokenizer)
-            with torch.inference_mode():
-                _, _, cell_emb = clf.model.encode(gene_ids.to(device), values.to(device),
-                                                  TokenLayout(padding_mask=padding.to(device)))
-                logits = clf.model.cls_decoder(cell_emb)  # (B, C)
-            out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-            if advance is not None:
-                advance(len(batch))
-        yield chunk_start, np.concatenate(out).astype(np.float32, copy=False)
+    """Yield (first row, class probabilities (n, C) float32) for consecutive blocks of rows, tokenized as
+    scgpt-embed tokenizes them."""
+    def probabilities(cell_emb: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(clf.model.cls_decoder(cell_emb).float(), dim=-1)  # (B, C)
+
+    yield from iter_cell_outputs(clf.model, clf.tokenizer, rows, match, probabilities, batch_size, device, seed,
+                                 chunk_rows, advance)
 
 
 def check_query_labels(labels: pd.Series | None, clf: Classifier, name: str) -> None:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from data_modules.collate import CellCollator, CollatorConfig
+from data_modules.modality import RNA, SPECIAL, feature_types_of, modality_codes
 from scgpt.checkpoints import load_pretrained, vocab_overlap_report
 from scgpt.errors import CheckpointError, ConfigError, DataError, ScgptError
 from scgpt.model.layout import TokenLayout
@@ -53,13 +54,16 @@ class CellTokenizer:
     vocab: GeneVocab
     settings: dict[str, Any]
 
-    def collator(self, gene_universe: np.ndarray | None = None) -> CellCollator:
+    def collator(self, gene_universe: np.ndarray | None = None,
+                 gene_modality: np.ndarray | None = None) -> CellCollator:
+        """``gene_modality``: modality id of every vocabulary id, for models with a modality embedding."""
         s = self.settings
         cfg = CollatorConfig(pad_token_id=s["pad_token_id"], cls_token_id=s["cls_token_id"],
                              max_seq_len=s["max_seq_len"], n_bins=s["n_bins"], mask_ratios=(0.0,),
                              mask_value=s["mask_value"], pad_value=s["pad_value"],
                              include_zero_genes=s["include_zero_genes"], generative_fraction=0.0, layout="padded")
-        return CellCollator(cfg, gene_universe=gene_universe if s["include_zero_genes"] else None)
+        return CellCollator(cfg, gene_universe=gene_universe if s["include_zero_genes"] else None,
+                            gene_modality=gene_modality)
 
 
 def load(path: str | os.PathLike, vocab: str | None = None, attention_backend: str | None = "sdpa"):
@@ -138,6 +142,17 @@ def match_genes(vocab: GeneVocab, var_names: Sequence[str], var, gene_column: st
 # ------------------------------------------------------------------------------------------------
 # Embedding
 # ------------------------------------------------------------------------------------------------
+def gene_modality_table(vocab: GeneVocab, match: GeneMatch, var, name: str) -> np.ndarray:
+    """Modality id of every vocabulary id from the input's ``feature_type`` column (RNA where it has none),
+    as the training data module builds it (data_modules.modality.vocab_modalities)."""
+    types = feature_types_of(var)
+    codes = np.full(len(match.columns), RNA, dtype=np.int64) if types is None else \
+        modality_codes(types[match.columns], name)
+    table = np.full(vocab.size, SPECIAL, dtype=np.int64)
+    table[match.gene_ids] = codes
+    return table
+
+
 def _cells(block, match: GeneMatch) -> tuple[list[dict], int]:
     """A block of rows -> collator cells over the matched genes; also the number of negative values."""
     x = sp.csr_matrix(block[:, match.columns] if sp.issparse(block) else np.asarray(block)[:, match.columns],
@@ -151,21 +166,28 @@ def _cells(block, match: GeneMatch) -> tuple[list[dict], int]:
 
 
 def _tokenize(collator: CellCollator, cells: list[dict], generator: torch.Generator, tokenizer: CellTokenizer):
-    """(gene ids, values, padding mask) for a batch, also when no cell has any expressed gene."""
+    """(gene ids, values, padding mask, modality ids or None) for a batch, also when no cell has any
+    expressed gene."""
     if collator.cfg.include_zero_genes or any(len(c["gene_ids"]) for c in cells):
         batch = collator(cells, generator)
-        return batch.gene_ids, batch.values, batch.padding_mask
+        return batch.gene_ids, batch.values, batch.padding_mask, batch.modality_ids
     s = tokenizer.settings  # only <cls>: the collator cannot bin an empty batch
     n = len(cells)
+    modality = None if collator.gene_modality is None else torch.full((n, 1), SPECIAL)
     return (torch.full((n, 1), s["cls_token_id"]), torch.full((n, 1), s["pad_value"]),
-            torch.zeros(n, 1, dtype=torch.bool))
+            torch.zeros(n, 1, dtype=torch.bool), modality)
 
 
-def iter_embeddings(model, tokenizer: CellTokenizer, rows: RowSource, match: GeneMatch, batch_size: int = 64,
-                    device: str = "cpu", seed: int = 0, chunk_rows: int = 4096,
-                    advance: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (first row, L2-normalised float32 embeddings (n, D)) for consecutive blocks of rows."""
-    collator = tokenizer.collator(gene_universe=match.gene_ids)
+def iter_cell_outputs(model, tokenizer: CellTokenizer, rows: RowSource, match: GeneMatch,
+                      head: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64, device: str = "cpu",
+                      seed: int = 0, chunk_rows: int = 4096,
+                      advance: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first row, float32 ``head(cell embeddings (n, D))``) for consecutive blocks of rows.
+
+    Cells are tokenized without masking; each batch's random choices come from (seed, its first row). A
+    model with a modality embedding gets each token's modality from the input's ``feature_type`` column."""
+    modality = gene_modality_table(tokenizer.vocab, match, rows.var, rows.name) if model.cfg.n_modalities else None
+    collator = tokenizer.collator(gene_universe=match.gene_ids, gene_modality=modality)
     chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)
     negatives = 0
     for chunk_start in range(0, rows.n_obs, chunk_rows):
@@ -175,17 +197,29 @@ def iter_embeddings(model, tokenizer: CellTokenizer, rows: RowSource, match: Gen
         for offset in range(0, len(cells), batch_size):
             batch_cells = cells[offset:offset + batch_size]
             generator = make_generator(seed, EMBED_STREAM, chunk_start + offset)
-            gene_ids, values, padding = _tokenize(collator, batch_cells, generator, tokenizer)
+            gene_ids, values, padding, modality_ids = _tokenize(collator, batch_cells, generator, tokenizer)
             with torch.inference_mode():
                 _, _, cell_emb = model.encode(gene_ids.to(device), values.to(device),
-                                              TokenLayout(padding_mask=padding.to(device)))
-            out.append(F.normalize(cell_emb.float(), dim=-1).cpu().numpy())
+                                              TokenLayout(padding_mask=padding.to(device)),
+                                              modality_ids=None if modality_ids is None else modality_ids.to(device))
+                out.append(head(cell_emb).float().cpu().numpy())  # (B, ...)
             if advance is not None:
                 advance(len(batch_cells))
         yield chunk_start, np.concatenate(out).astype(np.float32, copy=False)
     if negatives:
         log.warning("%s: %d negative values were treated as zero; pass raw or log-normalised counts", rows.name,
                     negatives)
+
+
+def iter_embeddings(model, tokenizer: CellTokenizer, rows: RowSource, match: GeneMatch, batch_size: int = 64,
+                    device: str = "cpu", seed: int = 0, chunk_rows: int = 4096,
+                    advance: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first row, L2-normalised float32 embeddings (n, D)) for consecutive blocks of rows."""
+    def normalised(cell_emb: torch.Tensor) -> torch.Tensor:
+        return F.normalize(cell_emb.float(), dim=-1)  # (B, D)
+
+    yield from iter_cell_outputs(model, tokenizer, rows, match, normalised, batch_size, device, seed, chunk_rows,
+                                 advance)
 
 
 def _device(device: str) -> str:

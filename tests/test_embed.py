@@ -19,8 +19,7 @@ from scgpt.tokenizer.vocab import GeneVocab
 GENES = [f"GENE{i}" for i in range(30)]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def _export_tiny_model(root: Path, **model_options) -> Path:
     """A tiny native export (max_seq_len 16, so cells with more genes are sampled)."""
     from scgpt.config import ModelConfig
     from scgpt.model.scgpt import ScGPTModel
@@ -28,13 +27,17 @@ def model_dir(tmp_path_factory) -> Path:
     vocab = GeneVocab.from_genes(GENES)
     torch.manual_seed(0)
     model = ScGPTModel(ModelConfig(vocab_size=vocab.size, pad_token_id=vocab.pad_id, d_model=32, n_heads=4,
-                                   n_layers=2, d_hid=64, dropout=0.0, max_seq_len=16))
-    root = tmp_path_factory.mktemp("embed-model")
+                                   n_layers=2, d_hid=64, dropout=0.0, max_seq_len=16, **model_options))
     tokenizer = {"n_bins": 51, "max_seq_len": 16, "pad_value": -2.0, "mask_value": -1.0, "include_zero_genes": False}
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 1,
                 "hyper_parameters": {"model": model.cfg.to_dict()},
                 "scgpt": {"vocab": vocab.token_to_id, "tokenizer": tokenizer}}, root / "last.ckpt")
     return export(root / "last.ckpt", root / "model")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return _export_tiny_model(tmp_path_factory.mktemp("embed-model"))
 
 
 def make_adata(n_cells: int = 37, seed: int = 0) -> ad.AnnData:
@@ -231,3 +234,29 @@ def test_cells_without_expressed_genes_get_the_cls_only_embedding(model_dir):
     result = embed(adata, model_dir, batch_size=2)
     np.testing.assert_allclose(np.linalg.norm(result, axis=1), 1.0, rtol=1e-5)
     assert np.allclose(result, result[0])
+
+
+def test_models_with_a_modality_embedding_get_modality_ids_from_feature_type(tmp_path):
+    """RNA + protein features: each token's modality id comes from var['feature_type'] (as in training),
+    and each modality is binned on its own."""
+    from data_modules.modality import ADT, N_MODALITY_IDS, RNA, SPECIAL, bin_per_modality
+    from scgpt.model.layout import TokenLayout
+
+    model_dir = _export_tiny_model(tmp_path, n_modalities=N_MODALITY_IDS)
+    adata = make_adata(n_cells=1, seed=5)
+    adata.X = sp.csr_matrix(np.r_[np.arange(1, 7), np.zeros(len(GENES) - 6)].astype(np.float32)[None])
+    adata.var["feature_type"] = ["Gene Expression"] * 3 + ["Antibody Capture"] * (len(GENES) - 3)
+    model, tokenizer = load(model_dir)
+    ids = torch.tensor([[tokenizer.vocab.cls_id] + [tokenizer.vocab[g] for g in GENES[:6]]])
+    modality = np.array([[RNA] * 3 + [ADT] * 3])
+    counts = np.arange(1, 7, dtype=np.float32)[None]
+    bins = bin_per_modality(counts, np.ones_like(counts, dtype=bool), modality, 51, np.zeros_like(counts))
+    values = torch.cat([torch.tensor([[-2.0]]), torch.from_numpy(bins)], dim=1)
+    modality_ids = torch.tensor([[SPECIAL, *modality[0]]])
+    layout = TokenLayout(padding_mask=torch.zeros(1, 7, dtype=torch.bool))
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.encode(ids, values, layout, modality_ids=modality_ids)[2], dim=-1)
+        without = torch.nn.functional.normalize(model.encode(ids, values, layout)[2], dim=-1)
+    got = embed(adata, model_dir)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)  # token order differs: float sums do too
+    assert not np.allclose(got, without.numpy(), atol=1e-2)
