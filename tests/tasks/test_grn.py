@@ -61,9 +61,13 @@ def test_grn_task_scores_embedding_attention_and_coexpression_networks(tmp_path)
                                    "task.state_value=type_0"))
     val = summary["val"]
     for prefix in ("", "attn/", "coexpr/"):
-        assert 0.0 <= val[f"{prefix}grn_auprc"] <= 1.0 and f"{prefix}grn_auprc_over_random" in val
+        for name in (f"{prefix}grn", f"{prefix}grn_from_regulators"):
+            assert 0.0 <= val[f"{name}_auprc"] <= 1.0 and f"{name}_auprc_over_random" in val
     assert 0.0 < val["grn_auprc_random"] < 0.1
+    # only the regulators' rows: 6 regulators with 10-20 targets each among the measured genes
+    assert val["grn_auprc_random"] < val["grn_from_regulators_auprc_random"] < 0.5
     assert val["coexpr/grn_auprc"] > 2 * val["grn_auprc_random"]  # the planted network is in the counts
+    assert val["coexpr/grn_from_regulators_auprc"] > 2 * val["grn_from_regulators_auprc_random"]
 
 
 def test_unknown_cell_state_is_a_config_error(tmp_path):
