@@ -16,6 +16,8 @@ its largest DataLoader worker):
 - ``ours_raw``: CSR rows through the real stream (contiguous blocks -> shuffle buffer -> batch rows),
   no tokenization; ``ours_tokenized``: batches of the real ``CellDataModule`` at ``--max-seq-len``;
   both with 0 and 2 DataLoader workers; shuffle on.
+- ``decode_only``: the X reads alone (our contiguous blocks in a random order into a reused buffer, no
+  shuffle, no batches): the ceiling of any loader reading this store with these settings and pipeline.
 - ``collator``: tokenization alone (``CellCollator.collate_table`` on an 8,192-cell block in memory).
 - ``anndata_backed``: ``read_h5ad(backed="r")`` and one random (sorted) row index per batch.
 - ``annbatch``: ``Loader(shuffle=True)`` over the store's ``X`` with the same contiguous-read settings as
@@ -214,6 +216,8 @@ def _children_cpu_s() -> float:
 
 
 def _n_cells(batch) -> int:
+    if isinstance(batch, np.ndarray):  # an indptr
+        return batch.size - 1
     if isinstance(batch, dict):
         return int(batch["indptr"].numel()) - 1
     if hasattr(batch, "n_cells"):
@@ -266,6 +270,22 @@ def measure(kind: str, a: dict) -> dict:
         if kind == "ours_raw":
             dm._streams["train"].collator = RawRows()
         result = _time_iterator(lambda: iter(dm.train_dataloader()), a["seconds"], a["max_cells"])
+    elif kind == "decode_only":  # the X reads alone: our blocks in a random order, no shuffle buffer or batches
+        from data_modules.cells import CsrArena
+        from data_modules.store import CellStore
+
+        store = CellStore(a["store"])
+        starts = np.random.default_rng(0).permutation(np.arange(0, store.n_cells - a["block"] + 1, a["block"]))
+        arena = CsrArena()
+
+        def blocks():
+            for i, start in enumerate(starts):
+                if i % a["buffer"] == 0:
+                    arena.reset()
+                indptr, _, _ = store._read_csr(int(start), int(start) + a["block"], arena)
+                yield indptr
+
+        result = _time_iterator(blocks, a["seconds"], a["max_cells"])
     elif kind == "collator":  # tokenization alone: one 8,192-cell block in memory, batches of its rows
         import torch
 
@@ -411,6 +431,10 @@ def main() -> None:
         r = run_measure("collator", {**common, "batch": batch, "workers": 0})
         records.append(emit({"kind": "collator", "batch": batch, "workers": 0, **r}))
         for repeat in range(args.repeats):  # raw runs of ours and annbatch interleaved; the summary takes the best
+            for pipeline in pipelines:  # the ceiling: decoding the same blocks, nothing else
+                r = run_measure("decode_only", {**common, "batch": batch, "workers": 0, "pipeline": pipeline})
+                records.append(emit({"kind": "decode_only", "batch": batch, "workers": 0, "pipeline": pipeline,
+                                     "repeat": repeat, **r}))
             for workers in map(int, args.workers.split(",")):
                 for pipeline in pipelines:
                     r = run_measure("ours_raw", {**common, "batch": batch, "workers": workers, "pipeline": pipeline})

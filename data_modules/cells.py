@@ -36,7 +36,7 @@ class CsrArena:
         """Views of the next ``n`` values and indices (earlier views stay valid unless the arena grows;
         :meth:`filled` always gives the current arrays)."""
         if self.used + n > self.data.size:
-            self._grow(int(1.25 * (self.used + n)))
+            self._grow(int(1.5 * (self.used + n)))
         a, self.used = self.used, self.used + n
         return self.data[a:self.used], self.indices[a:self.used]
 

@@ -142,8 +142,9 @@ class CellBatchStream(IterableDataset):
         """A group's blocks as one table (the shuffle buffer). Stores read each block straight into the
         reused ``arena`` (no concatenation copy); other sources' blocks are concatenated."""
         direct = all(isinstance(self.sources[b.source], CellStore) for b in group)
-        if direct:
-            arena.reset()
+        if direct:  # room for the group's expected values up front (growing copies what was read so far)
+            arena.reset(int(1.1 * sum(b.n_cells * self.sources[b.source].nnz / max(1, self.sources[b.source].n_cells)
+                                      for b in group)))
         tables = []
         for block in group:
             source = self.sources[block.source]
