@@ -14,6 +14,9 @@ ranked over all ordered pairs of measured genes (self pairs excluded), each with
   cells' true values (no masking), as in scGPT's attention-based GRN;
 - ``coexpr/grn_*``: Pearson correlation of binned expression in the validation cells, the baseline.
 
+- ``knockout/grn_from_regulators_*``: in-silico knockout of each planted regulator (grn_knockout.py): the
+  change in the predicted expression of hidden genes when the regulator's token is removed.
+
 Each network is also scored over the pairs whose regulator is one of the planted regulators
 (``*grn_from_regulators_*``): the usual protocol when the candidate regulators (transcription factors) are
 known, as in BEELINE; it leaves out target-target pairs, which co-vary without an edge between them.
@@ -32,6 +35,7 @@ from scgpt.errors import ConfigError
 from scgpt.metrics import edge_recovery
 from scgpt.model.attention_maps import attention_maps
 from scgpt.tasks.finetune import FinetuneTask
+from scgpt.tasks.grn_knockout import KnockoutNetwork
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +92,12 @@ class GrnTask(FinetuneTask):
     max_attention_genes = 8192  # dense (G, G) attention sums above this vocabulary size are skipped
 
     def __init__(self, *args, attention_layer: int = -1, state_key: str | None = None,
-                 state_value: str | None = None, **kwargs) -> None:
+                 state_value: str | None = None, knockout_max_regulators: int = 64, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.attention_layer, self.state_key, self.state_value = attention_layer, state_key, state_value
+        self.knockout_max_regulators = knockout_max_regulators
         self.attention: AttentionNetwork | None = None
+        self.knockout: KnockoutNetwork | None = None
         self._state_code: int | None = None
 
     def setup(self, stage: str) -> None:
@@ -120,10 +126,22 @@ class GrnTask(FinetuneTask):
     def on_validation_epoch_start(self) -> None:
         n_genes = self.model_cfg.vocab_size
         self.attention = AttentionNetwork(n_genes) if n_genes <= self.max_attention_genes else None
+        self.knockout = None
+        if getattr(self, "planted", None) and self.knockout_max_regulators > 0:
+            regulators = sorted({a for a, _ in self.planted[1]})
+            if len(regulators) > self.knockout_max_regulators:
+                log.warning("grn: %d regulators, more than task.knockout_max_regulators=%d; knockout network skipped",
+                            len(regulators), self.knockout_max_regulators)
+            else:
+                self.knockout = KnockoutNetwork(np.array(regulators), n_genes)
 
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        if self.attention is None or batch.padding_mask is None:
+        if batch.padding_mask is None:
+            return
+        if self.knockout is not None:
+            self.knockout.add(self.model, batch, batch.labels.get(self.batch_key))
+        if self.attention is None:
             return
         cells = torch.ones_like(batch.generative) if self._state_code is None else \
             batch.labels[self.state_key] == self._state_code  # (B,)
@@ -149,12 +167,16 @@ class GrnTask(FinetuneTask):
                     "coexpr/": np.nan_to_num(np.corrcoef(expression[:, measured].toarray(), rowvar=False))}
         if self.attention is not None and self.attention.count.sum() > 0:
             networks["attn/"] = self.attention.mean(measured).T  # [regulator, target] = target attends to regulator
+        if self.knockout is not None and self.knockout.count.sum() > 0:
+            networks["knockout/"] = self.knockout.scores(measured)  # regulators' rows only
         off_diagonal = ~np.eye(len(measured), dtype=bool)
         regulators = np.isin(measured, sorted({a for a, _ in edges}))  # rows of the known regulators
         candidates = {"": off_diagonal, "_from_regulators": off_diagonal & regulators[:, None]}
         out = {}
         for prefix, scores in networks.items():
             for suffix, pairs in candidates.items():
+                if prefix == "knockout/" and not suffix:
+                    continue  # defined for the known regulators only
                 metrics = edge_recovery(scores[pairs], truth[pairs])
                 name = f"{prefix}grn{suffix}"
                 out.update({f"{name}_{k}": v for k, v in metrics.items() if not (prefix and k.endswith("random"))})

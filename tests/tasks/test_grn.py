@@ -13,6 +13,7 @@ from scgpt.model.attention import ReferenceAttention
 from scgpt.model.attention_maps import attention_maps
 from scgpt.model.layout import TokenLayout
 from scgpt.tasks.grn import AttentionNetwork
+from scgpt.tasks.grn_knockout import KnockoutNetwork
 from scgpt.train import train
 
 from conftest import SMALL_DATA, compose_config, random_tokens, tiny_config
@@ -56,6 +57,34 @@ def test_attention_network_averages_scaled_attention_per_gene_pair():
     assert np.all(mean[2] == 0) and np.all(mean[:, 2] == 0)  # gene 4 never seen
 
 
+class _CountsGeneFive:
+    """A stand-in model: every token's prediction is the number of visible (unpadded) tokens of gene 5."""
+
+    def __call__(self, gene_ids, values, layout, batch_labels=None, modality_ids=None):
+        from types import SimpleNamespace
+
+        fives = ((gene_ids == 5) & ~layout.padding_mask).sum(dim=1, keepdim=True).float()  # (B, 1)
+        return SimpleNamespace(expr_pred=fives.expand(gene_ids.shape))
+
+
+def test_knockout_network_measures_the_prediction_change_without_the_regulator():
+    from data_modules.collate import CellBatch
+
+    gene_ids = torch.tensor([[0, 5, 2, 3], [0, 2, 3, 1], [0, 5, 3, 1]])  # <cls> first; 1 is padding here
+    padding = torch.tensor([[False, False, False, False], [False, False, False, True], [False, False, False, True]])
+    hidden = torch.tensor([[False, False, True, True], [False, True, False, False], [False, True, True, False]])
+    batch = CellBatch(gene_ids=gene_ids, values=torch.zeros(3, 4), target_values=torch.zeros(3, 4),
+                      hidden_mask=hidden, gen_mask=torch.zeros(3, 4, dtype=torch.bool),
+                      generative=torch.zeros(3, dtype=torch.bool), padding_mask=padding)
+    network = KnockoutNetwork(np.array([5, 7]), n_genes=8)
+    network.add(_CountsGeneFive(), batch)
+    scores = network.scores(np.array([2, 3, 5, 7]))  # rows and columns: genes 2, 3, 5, 7
+    # cell 0: 5 visible, 2 and 3 hidden -> both change by 1; cell 2: 5 is hidden itself -> not knocked out
+    assert scores[2].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert not scores[3].any()  # gene 7 never expressed
+    assert not scores[:2].any()  # genes 2 and 3 are not regulators
+
+
 def test_grn_task_scores_embedding_attention_and_coexpression_networks(tmp_path):
     summary = train(compose_config(tmp_path, *GRN, "++data.synthetic.n_regulators=6", "task.state_key=cell_type",
                                    "task.state_value=type_0"))
@@ -68,6 +97,7 @@ def test_grn_task_scores_embedding_attention_and_coexpression_networks(tmp_path)
     assert val["grn_auprc_random"] < val["grn_from_regulators_auprc_random"] < 0.5
     assert val["coexpr/grn_auprc"] > 2 * val["grn_auprc_random"]  # the planted network is in the counts
     assert val["coexpr/grn_from_regulators_auprc"] > 2 * val["grn_from_regulators_auprc_random"]
+    assert 0.0 <= val["knockout/grn_from_regulators_auprc"] <= 1.0 and "knockout/grn_auprc" not in val
 
 
 def test_unknown_cell_state_is_a_config_error(tmp_path):
