@@ -764,7 +764,11 @@ def inherited_zarrs_pool() -> bool:
 
 
 def _python_pipeline():
-    """A context in which opened arrays decode with zarr-python's pipeline, whatever the global setting."""
+    """A context in which opened arrays decode with zarr-python's pipeline, whatever the global setting.
+    A global zarrs setting marks this process as running zarrs (whatever it reads outside our stores may
+    start the pool), so that its forks fall back to zarr-python."""
+    if zarr.config.get("codec_pipeline.path") == ZARRS_PIPELINE:
+        _ZARRS_PIDS.add(os.getpid())
     return zarr.config.set({"codec_pipeline.path": PYTHON_PIPELINE})
 
 
@@ -823,8 +827,6 @@ class CellStore:
             self._group, self._cache = None, {}
         if self._group is None:
             self._pid = os.getpid()
-            if zarr.config.get("codec_pipeline.path") == ZARRS_PIPELINE:  # set globally: whatever this process
-                _ZARRS_PIDS.add(self._pid)  # reads outside our stores may start zarrs' pool, so forks fall back
             with warnings.catch_warnings(), _python_pipeline():
                 warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec
                 self._group = zarr.open_group(str(self.path), mode="r")

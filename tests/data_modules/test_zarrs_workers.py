@@ -14,6 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import data_modules.store as store_module
 from data_modules.store import PYTHON_PIPELINE, ZARRS_PIPELINE, CellStore, block_codec_pipeline, write_store
 from data_modules.synthetic import make_synthetic_adata
 
@@ -59,7 +60,14 @@ def store(tmp_path_factory):
     adata = make_synthetic_adata(n_cells=400, n_genes=60, seed=0)
     adata.obs["cell_id"] = [f"c{i}" for i in range(adata.n_obs)]
     path = tmp_path_factory.mktemp("zarrs") / "s.zarr"
-    write_store(adata, path, obs_keys=["cell_id"], seed=1)
+    # small chunks, so that every block read spans several and zarrs decodes them on its thread pool (a
+    # read within one chunk runs inline and would not show the hang: checked, it does hang without the
+    # fallback of block_codec_pipeline on this store)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("DATA_CHUNK", 256), ("DATA_SHARD", 16 * 256), ("INDPTR_CHUNK", 64),
+                            ("INDPTR_SHARD", 16 * 64)):
+            patch.setattr(store_module, name, value)
+        write_store(adata, path, obs_keys=["cell_id"], seed=1)
     return path
 
 
@@ -95,3 +103,21 @@ def test_two_workers_stream_with_zarrs_without_hanging(store):
     cells = result["workers"]["cells"]
     assert len(cells) == len(set(cells)) > 200  # each training cell once per epoch
     assert result["workers_after_main"]["cells"] == cells
+
+
+def test_a_global_zarrs_setting_marks_the_process_so_its_forks_fall_back(monkeypatch, store):
+    import zarr
+
+    from data_modules.store import inherited_zarrs_pool, zarrs_started_here
+
+    monkeypatch.setattr(store_module, "_ZARRS_PIDS", set())  # this test's own record (metadata reads only)
+    cs = CellStore(store)
+    cs.vocab()
+    assert not zarrs_started_here()
+    with zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):  # a user's global setting: anything may use it
+        other = CellStore(store)
+        other.vocab()
+        assert zarrs_started_here()  # so DataLoader workers forked from here decode with zarr-python
+        assert type(other._array("X/indptr").async_array.codec_pipeline).__name__ == "BatchedCodecPipeline"
+    monkeypatch.setattr(store_module.os, "getpid", lambda: -1)  # as seen from a forked child
+    assert inherited_zarrs_pool() and block_codec_pipeline() == PYTHON_PIPELINE
