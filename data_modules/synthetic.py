@@ -127,13 +127,15 @@ def make_synthetic_adata(
     n_perturbations: int = 0,
     perturbed_fraction: float = 0.5,
     perturbation_factor: float = 0.1,
+    regulator_activity: float = 0.0,
 ) -> ad.AnnData:
     """Synthetic raw counts; ``X`` is CSR float32 holding integers, ground truth is in ``obs`` and ``uns``.
 
     ``n_proteins`` / ``n_peaks`` > 0 append ADT / ATAC features tied to cell type, with var column
     ``feature_type`` (see :mod:`data_modules.synthetic_modality`); off by default.
     ``n_regulators`` > 0 plants a regulator -> target network and ``n_perturbations`` perturbation conditions
-    (see :mod:`data_modules.synthetic_perturbation`); off by default.
+    (see :mod:`data_modules.synthetic_perturbation`); off by default. ``regulator_activity`` > 0 also
+    varies the regulators (and so their targets) from cell to cell within a type.
     """
     n_programs = 2 * n_cell_types if n_programs is None else n_programs
     _check_params(n_cells, n_genes, n_cell_types, n_programs, n_batches)
@@ -174,7 +176,7 @@ def make_synthetic_adata(
         design = perturb(np.random.default_rng([seed, 7]), prop, rows, base=base, candidates=candidates,
                          type_mult=type_mult, n_batches=n_batches, n_regulators=n_regulators,
                          n_perturbations=n_perturbations, perturbed_fraction=perturbed_fraction,
-                         perturbation_factor=perturbation_factor)
+                         perturbation_factor=perturbation_factor, regulator_activity=regulator_activity)
         prop, rows = design.prop, design.rows
     x = _sample_counts(rng, prop.astype(np.float32), shape, rows, lib)
     x = _fill_empty_cells(rng, x)
@@ -236,6 +238,7 @@ def default_dataset_path(cache_dir: str | os.PathLike[str] | None = None, **para
     name += f"_atac{p['n_peaks']}" if p["n_peaks"] else ""
     if p["n_regulators"]:
         name += f"_reg{p['n_regulators']}_pert{p['n_perturbations']}x{p['perturbed_fraction']}f{p['perturbation_factor']}"
+        name += f"_act{p['regulator_activity']}" if p["regulator_activity"] else ""
     return Path(cache_dir).expanduser() / f"{name}.zarr"
 
 

@@ -18,6 +18,11 @@ The model, multiplicative on the gene proportions of each (cell type, batch) bef
   so each of its targets moves by ``w * log(factor)`` in log expression.
 - ``perturbed_fraction`` of the cells, chosen at random, are split evenly over the conditions; the
   others are ``control``.
+- ``regulator_activity`` > 0 (log-normal sigma; 0 = off) also varies the regulators from cell to cell
+  within a type, as transcription-factor activity does: each cell is in one of ``ACTIVITY_STATES``
+  states drawn at random, each state multiplies every regulator by its own log-normal factor and each
+  target by that factor to the edge's weight. Targets then follow their regulators inside every cell
+  type, not only across types.
 
 Recorded: ``obs['perturbation']`` ('control' or the regulator's gene name), ``uns['regulatory_network']``
 (``regulator``, ``target``, ``weight`` arrays, one entry per edge), ``uns['perturbations']`` (the
@@ -38,6 +43,7 @@ CONTROL = "control"
 TARGETS_PER_REGULATOR = (10, 20)  # inclusive range
 POSITIVE_SHARE = 0.8  # of edge weights; knocking a regulator down mostly lowers its targets
 TYPE_LEVEL_SIGMA = 0.5
+ACTIVITY_STATES = 16  # per-cell regulator activity states (regulator_activity > 0)
 
 
 @dataclass
@@ -100,6 +106,18 @@ def condition_log_multipliers(net: PlantedNetwork, type_mult: np.ndarray, n_pert
     return out
 
 
+def activity_log_multipliers(rng: np.random.Generator, net: PlantedNetwork, n_genes: int,
+                             sigma: float) -> np.ndarray:
+    """(S, G) log multiplier of each gene in each activity state (S = 1, all zero, when ``sigma`` is 0)."""
+    if sigma <= 0:
+        return np.zeros((1, n_genes))
+    activity = rng.normal(0.0, sigma, size=(ACTIVITY_STATES, net.regulators.size))  # (S, R) log activity
+    out = np.zeros((ACTIVITY_STATES, n_genes))
+    out[:, net.regulators] += activity
+    np.add.at(out, (slice(None), net.edge_target), activity[:, net.edge_regulator] * net.edge_weight)  # (S, E)
+    return out
+
+
 def assign_conditions(rng: np.random.Generator, n_cells: int, n_perturbations: int, fraction: float) -> np.ndarray:
     """(n_cells,) condition per cell: 0 control, p > 0 perturbation p; balanced over perturbations."""
     condition = np.zeros(n_cells, dtype=np.int64)
@@ -113,7 +131,7 @@ def assign_conditions(rng: np.random.Generator, n_cells: int, n_perturbations: i
 class PerturbationDesign:
     """What :func:`perturb` hands back to the generator: the proportions and rows to sample, and the records."""
 
-    prop: np.ndarray  # (T * B * P, G) gene proportions per (type, batch, condition)
+    prop: np.ndarray  # (T * B * P * S, G) gene proportions per (type, batch, condition, activity state)
     rows: np.ndarray  # (n_cells,) row of ``prop`` for each cell
     network: PlantedNetwork
     condition: np.ndarray  # (n_cells,)
@@ -137,17 +155,28 @@ class PerturbationDesign:
 
 def perturb(rng: np.random.Generator, prop: np.ndarray, rows: np.ndarray, *, base: np.ndarray,
             candidates: np.ndarray, type_mult: np.ndarray, n_batches: int, n_regulators: int,
-            n_perturbations: int, perturbed_fraction: float, perturbation_factor: float) -> PerturbationDesign:
-    """Plant the network into the (type, batch) proportions ``prop`` (T * B, G) and expand them by condition."""
+            n_perturbations: int, perturbed_fraction: float, perturbation_factor: float,
+            regulator_activity: float = 0.0) -> PerturbationDesign:
+    """Plant the network into the (type, batch) proportions ``prop`` (T * B, G) and expand them by condition
+    (and by activity state when ``regulator_activity`` > 0)."""
     check_params(n_regulators, n_perturbations, perturbed_fraction, perturbation_factor, candidates.size)
+    if not regulator_activity >= 0:
+        raise ConfigError(f"synthetic data: regulator_activity={regulator_activity!r} must be >= 0 (0: off)")
     n_types, n_genes = type_mult.shape
     net = plant_network(rng, base, candidates, n_regulators, n_types)
     log_mult = condition_log_multipliers(net, type_mult, n_perturbations, perturbation_factor)  # (T, P, G)
     n_conditions = 1 + n_perturbations
     types_of_rows = np.arange(prop.shape[0]) // n_batches  # (T * B,)
     out = prop[:, None, :] * np.exp(log_mult[types_of_rows])  # (T * B, P, G)
-    out = (out / out.sum(-1, keepdims=True)).reshape(-1, n_genes)
     condition = assign_conditions(rng, rows.size, n_perturbations, perturbed_fraction)
+    rows = rows * n_conditions + condition
+    if regulator_activity > 0:  # drawn after everything above, so the network and conditions do not change
+        states = np.exp(activity_log_multipliers(rng, net, n_genes, regulator_activity))  # (S, G)
+        out = out[:, :, None, :] * states[None, None]  # (T * B, P, S, G)
+        rows = rows * states.shape[0] + rng.integers(0, states.shape[0], size=rows.size)
+    out = (out / out.sum(-1, keepdims=True)).reshape(-1, n_genes)
     params = dict(n_regulators=n_regulators, n_perturbations=n_perturbations, perturbed_fraction=float(perturbed_fraction),
                   perturbation_factor=float(perturbation_factor))
-    return PerturbationDesign(out, rows * n_conditions + condition, net, condition, params)
+    if regulator_activity > 0:
+        params["regulator_activity"] = float(regulator_activity)
+    return PerturbationDesign(out, rows, net, condition, params)

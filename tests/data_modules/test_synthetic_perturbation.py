@@ -98,7 +98,30 @@ def test_store_carries_the_perturbation_column_and_network(tmp_path):
     (dict(n_regulators=2, n_perturbations=1, perturbed_fraction=1.0), "perturbed_fraction=1.0 must be in"),
     (dict(n_regulators=2, perturbation_factor=1.0), "perturbation_factor=1.0 must be positive and not 1"),
     (dict(n_regulators=80), "n_regulators=80 is too many"),
+    (dict(n_regulators=2, regulator_activity=-0.5), "regulator_activity=-0.5 must be >= 0"),
 ])
 def test_bad_perturbation_parameters_name_the_key(params, message):
     with pytest.raises(ConfigError, match=message):
         make_synthetic_adata(n_cells=100, n_genes=100, n_cell_types=2, **params)
+
+
+def _within_type_target_correlation(adata, cell_type: str) -> float:
+    """Median correlation, over the positive edges, of regulator and target log proportions across the
+    control cells of one type."""
+    cells = ((adata.obs["cell_type"] == cell_type) & (adata.obs["perturbation"] == "control")).to_numpy()
+    x = adata.X[cells].toarray()
+    x = np.log1p(1e4 * x / x.sum(1, keepdims=True))
+    col = {g: i for i, g in enumerate(adata.var_names)}
+    net = adata.uns["regulatory_network"]
+    pairs = [(col[r], col[t]) for r, t, w in zip(net["regulator"], net["target"], net["weight"]) if w > 0]
+    return float(np.median([np.corrcoef(x[:, r], x[:, t])[0, 1] for r, t in pairs]))
+
+
+def test_regulator_activity_makes_targets_follow_regulators_within_a_type():
+    params = dict(n_cells=1500, n_genes=200, n_cell_types=3, n_regulators=4, seed=0)
+    still, active = make_synthetic_adata(**params), make_synthetic_adata(**params, regulator_activity=0.8)
+    assert still.uns["regulatory_network"]["target"].tolist() == active.uns["regulatory_network"]["target"].tolist()
+    assert abs(_within_type_target_correlation(still, "type_0")) < 0.1  # within a type: only sampling noise
+    assert _within_type_target_correlation(active, "type_0") > 0.2
+    assert active.uns["synthetic"]["regulator_activity"] == 0.8 and "regulator_activity" not in still.uns["synthetic"]
+    assert default_dataset_path("/c", **params) != default_dataset_path("/c", **params, regulator_activity=0.8)
