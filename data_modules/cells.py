@@ -40,6 +40,13 @@ class CsrArena:
         a, self.used = self.used, self.used + n
         return self.data[a:self.used], self.indices[a:self.used]
 
+    def take_slots(self, n: int) -> int:
+        """Room for ``n`` more values in one piece (growing to exactly that if needed): their first offset."""
+        if self.used + n > self.data.size:
+            self._grow(self.used + n)
+        first, self.used = self.used, self.used + n
+        return first
+
     def release(self, n: int) -> None:
         """Give back the last ``n`` values of the latest allocation (values dropped after reading it)."""
         self.used -= n

@@ -972,6 +972,55 @@ class CellStore:
         return fingerprint.digest(self.n_cells, self.n_genes, self.nnz, self.var_names)
 
 
+def read_blocks(requests: Sequence[tuple[CellStore, int, int]], label_keys: Sequence[str], vocab: GeneVocab,
+                arena: CsrArena) -> list[CellTable]:
+    """Blocks ``(store, start, stop)`` (of one or several stores) as :meth:`CellStore.read_block` gives them,
+    read together into consecutive slots of ``arena``: all their ``indptr`` slices in one concurrent read,
+    then all their values and indices in another (the decoder works on every chunk of the group at once,
+    and the reading thread waits twice per group instead of twice per block)."""
+    for store, start, stop in requests:
+        if not 0 <= start <= stop <= store.n_cells:
+            raise IndexError(f"rows [{start}, {stop}) out of range for {store.n_cells} cells in {store.path}")
+    indptrs = [np.empty(stop - start + 1, np.int64) for _, start, stop in requests]
+    zarr_sync(_read_into([(store._block_array("X/indptr"), start, stop + 1, out)
+                          for (store, start, stop), out in zip(requests, indptrs)]))
+    sizes = [int(p[-1] - p[0]) for p in indptrs]
+    first = arena.take_slots(sum(sizes))
+    reads, offset = [], first
+    for (store, _, _), indptr, size in zip(requests, indptrs, sizes):
+        a, b = int(indptr[0]), int(indptr[-1])
+        reads += [(store._block_array("X/data"), a, b, arena.data[offset:offset + size]),
+                  (store._block_array("X/indices"), a, b, arena.indices[offset:offset + size])]
+        offset += size
+    zarr_sync(_read_into(reads))
+    tables, read_at, write_at = [], first, first
+    data, indices = arena.data, arena.indices
+    for (store, start, stop), indptr, size in zip(requests, indptrs, sizes):
+        indptr = indptr - indptr[0]
+        col, gene_ids = store._vocab_map(vocab)
+        if gene_ids.size < store.n_genes:  # drop the genes outside the vocabulary, compacting in place
+            mapped = col[indices[read_at:read_at + size]]
+            keep = mapped >= 0
+            kept = int(keep.sum())
+            indptr = np.r_[0, np.cumsum(keep)][indptr]
+            data[write_at:write_at + kept] = data[read_at:read_at + size][keep]
+            indices[write_at:write_at + kept] = mapped[keep]
+        else:
+            kept = size
+            if write_at != read_at:  # an earlier block shrank: move this one down (numpy handles the overlap)
+                data[write_at:write_at + size] = data[read_at:read_at + size]
+                indices[write_at:write_at + size] = indices[read_at:read_at + size]
+        labels, names = {}, {}
+        for key in label_keys:
+            names[key] = store.label_categories(key)
+            labels[key] = np.asarray(store._array(f"obs/{key}/codes")[start:stop], dtype=np.int64)
+        tables.append(CellTable(gene_ids=gene_ids, labels=labels, label_names=names,
+                                csr=(indptr, indices[write_at:write_at + kept], data[write_at:write_at + kept])))
+        read_at, write_at = read_at + size, write_at + kept
+    arena.release(read_at - write_at)
+    return tables
+
+
 def open_dataset(paths_or_manifest: str | os.PathLike | Sequence[str | os.PathLike]) -> list[CellStore]:
     """Stores forming one dataset: a list of store paths, one store path, or a manifest file (JSON or YAML:
     a list of paths, or ``{"stores": [...]}``; relative paths are relative to the manifest's directory)."""

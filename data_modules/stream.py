@@ -31,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_modules.cells import CellTable, CsrArena
 from data_modules.collate import CellCollator
-from data_modules.store import CellStore
+from data_modules.store import CellStore, read_blocks
 from scgpt.errors import DataError
 from scgpt.seeding import make_generator
 
@@ -145,14 +145,14 @@ class CellBatchStream(IterableDataset):
         if direct:  # room for the group's expected values up front (growing copies what was read so far)
             arena.reset(int(1.1 * sum(b.n_cells * self.sources[b.source].nnz / max(1, self.sources[b.source].n_cells)
                                       for b in group)))
-        tables = []
-        for block in group:
-            source = self.sources[block.source]
-            table = (source.read_block(block.start, block.stop, self.label_keys, self.vocab, arena=arena) if direct
-                     else source.read_block(block.start, block.stop, self.label_keys, self.vocab))
+        if direct:
+            tables = read_blocks([(self.sources[b.source], b.start, b.stop) for b in group], self.label_keys,
+                                 self.vocab, arena)
+        else:
+            tables = [self.sources[b.source].read_block(b.start, b.stop, self.label_keys, self.vocab) for b in group]
+        for block, table in zip(group, tables):
             for key in self.label_keys:  # store-wide codes -> dataset-wide codes (-1 stays missing)
                 table.labels[key] = np.where(table.labels[key] >= 0, self.label_maps[key][block.source][table.labels[key]], -1)
-            tables.append(table)
         if not direct:
             return CellTable.concat(tables)
         return CellTable.from_arena(arena, [np.diff(t.indptr) for t in tables], [t.gene_ids for t in tables],

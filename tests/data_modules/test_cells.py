@@ -8,7 +8,7 @@ import anndata as ad
 import scipy.sparse as sp
 
 from data_modules.cells import CellTable, CsrArena
-from data_modules.store import CellStore, write_store
+from data_modules.store import CellStore, read_blocks, write_store
 from scgpt.tokenizer.vocab import GeneVocab
 
 
@@ -57,18 +57,25 @@ def test_take_returns_the_rows_in_order_as_copies():
     assert [c["cell"] for c in table.cells(rows)] == (rows + 7000).tolist()
 
 
-def test_store_blocks_read_into_an_arena_equal_plain_reads_when_genes_are_dropped(tmp_path):
-    rng = np.random.default_rng(0)
-    x = sp.random(120, 30, density=0.4, format="csr", random_state=rng, dtype=np.float32)
+def _store(path, n_genes, seed):
+    rng = np.random.default_rng(seed)
+    x = sp.random(120, n_genes, density=0.4, format="csr", random_state=rng, dtype=np.float32)
     x.data = np.ceil(x.data * 5)
-    adata = ad.AnnData(X=x, var=pd.DataFrame(index=[f"G{i}" for i in range(30)]))
-    write_store(adata, tmp_path / "s.zarr", seed=0)
-    store = CellStore(tmp_path / "s.zarr")
-    vocab = GeneVocab.from_genes([f"G{i}" for i in range(0, 30, 2)])  # half of the genes: the rest are dropped
-    plain = [store.read_block(a, a + 40, [], vocab) for a in (0, 40, 80)]
+    write_store(ad.AnnData(X=x, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)])), path, seed=0)
+    return CellStore(path)
+
+
+def test_blocks_of_several_stores_read_together_equal_plain_block_reads(tmp_path):
+    """One store loses half its genes to the vocabulary (values compacted in the arena), one keeps all."""
+    half, full = _store(tmp_path / "a.zarr", 30, 0), _store(tmp_path / "b.zarr", 15, 1)
+    vocab = GeneVocab.from_genes([f"G{i}" for i in range(15)])
+    assert half._vocab_map(vocab)[1].size == 15 and full._vocab_map(vocab)[1].size == 15
+    requests = [(full, 0, 40), (half, 40, 80), (full, 80, 120), (half, 0, 40), (full, 40, 41)]
+    plain = [store.read_block(a, b, [], vocab) for store, a, b in requests]
     arena = CsrArena()
-    blocks = [store.read_block(a, a + 40, [], vocab, arena=arena) for a in (0, 40, 80)]
+    arena.reset(10)  # too small: grows once for the whole group
+    blocks = read_blocks(requests, [], vocab, arena)
     got = CellTable.from_arena(arena, [np.diff(b.indptr) for b in blocks], [b.gene_ids for b in blocks],
                                [b.labels for b in blocks], {})
-    assert arena.used == sum(p.nnz for p in plain) < x.nnz
+    assert arena.used == sum(p.nnz for p in plain) < sum(s.read_counts(a, b).nnz for s, a, b in requests)
     assert _same(got, CellTable.concat(plain))
