@@ -910,24 +910,16 @@ class CellStore:
 
     # blocks ----------------------------------------------------------------------------------------
     def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows [start, stop) as CSR over the store's genes: one contiguous read of each X array."""
-        indptr, data, indices = self._read_csr(start, stop, None)
-        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
-
-    def _read_csr(self, start: int, stop: int, arena: CsrArena | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """indptr (from 0), data and indices of rows [start, stop); data/indices are read straight into
-        the next values of ``arena`` when given (else into new arrays), data and indices concurrently."""
+        """Rows [start, stop) as CSR over the store's genes: one contiguous read of each X array (data and
+        indices concurrently)."""
         if not 0 <= start <= stop <= self.n_cells:
             raise IndexError(f"rows [{start}, {stop}) out of range for {self.n_cells} cells in {self.path}")
         indptr = np.asarray(self._block_array("X/indptr")[start:stop + 1], dtype=np.int64)
         a, b = int(indptr[0]), int(indptr[-1])
         data_array, indices_array = self._block_array("X/data"), self._block_array("X/indices")
-        if arena is None:
-            data, indices = np.empty(b - a, data_array.dtype), np.empty(b - a, indices_array.dtype)
-        else:
-            data, indices = arena.alloc(b - a)
+        data, indices = np.empty(b - a, data_array.dtype), np.empty(b - a, indices_array.dtype)
         zarr_sync(_read_into([(data_array, a, b, data), (indices_array, a, b, indices)]))
-        return indptr - a, data, indices
+        return sp.csr_matrix((data, indices, indptr - a), shape=(stop - start, self.n_genes))
 
     def _vocab_map(self, vocab: GeneVocab) -> tuple[np.ndarray, np.ndarray]:
         """Per store gene: its column in the block (-1: dropped), and the vocab id of each block column."""
@@ -940,27 +932,10 @@ class CellStore:
             self._cache["vocab", id(vocab)] = cached
         return cached[1], cached[2]
 
-    def read_block(self, start: int, stop: int, label_keys: Sequence[str], vocab: GeneVocab,
-                   arena: CsrArena | None = None) -> CellTable:
+    def read_block(self, start: int, stop: int, label_keys: Sequence[str], vocab: GeneVocab) -> CellTable:
         """Rows [start, stop) as a :class:`CellTable` with gene ids of ``vocab`` (genes it lacks are dropped)
-        and labels coded by the store-wide categories of :meth:`label_categories` (-1: missing). With an
-        ``arena`` the values land in its next slots (see :meth:`CellTable.from_arena`)."""
-        indptr, data, indices = self._read_csr(start, stop, arena)
-        col, gene_ids = self._vocab_map(vocab)
-        if gene_ids.size < self.n_genes:  # drop the genes outside the vocabulary, compacting in place
-            mapped = col[indices]
-            keep = mapped >= 0
-            n = int(keep.sum())
-            indptr = np.r_[0, np.cumsum(keep)][indptr]
-            data[:n], indices[:n] = data[keep], mapped[keep]
-            data, indices = data[:n], indices[:n]
-            if arena is not None:
-                arena.release(keep.size - n)
-        labels, names = {}, {}
-        for key in label_keys:
-            names[key] = self.label_categories(key)
-            labels[key] = np.asarray(self._array(f"obs/{key}/codes")[start:stop], dtype=np.int64)
-        return CellTable(gene_ids=gene_ids, labels=labels, label_names=names, csr=(indptr, indices, data))
+        and labels coded by the store-wide categories of :meth:`label_categories` (-1: missing)."""
+        return read_blocks([(self, start, stop)], label_keys, vocab, CsrArena())[0]
 
     def compute_fingerprint(self, block_values: int = DATA_SHARD) -> str:
         """Recompute the fingerprint from the arrays (reads everything, in shard-sized contiguous blocks)."""

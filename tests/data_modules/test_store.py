@@ -104,8 +104,8 @@ def test_blocks_cover_the_store_and_read_contiguously(adata, store, monkeypatch)
 
     monkeypatch.setattr(store_module, "_read_into", recording)
     cs.read_block(0, cs.n_cells, [], vocab)
-    # the whole block in one slice of each X array (read together), not per cell
-    assert calls == [("X/data", 0, cs.nnz), ("X/indices", 0, cs.nnz)]
+    # the whole block in one slice of each X array (values and indices read together), not per cell
+    assert calls == [("X/indptr", 0, cs.n_cells + 1), ("X/data", 0, cs.nnz), ("X/indices", 0, cs.nnz)]
 
 
 def test_store_opens_lazily_and_pickles(store):
