@@ -5,8 +5,8 @@ random tie-breaking: :func:`scgpt.tokenizer.binning.bin_rows`, as the collator d
 the cells of a synthetic dataset the same way and reports the share of the binned values' variance
 explained by the means of gene, gene + cell type and gene + cell type + batch groups (fitted on one half
 of the cells, R^2 on the other half, so the figures are not inflated by small groups), plus the Pearson
-correlation those group means reach: the ``gene only`` Pearson is the ceiling of a model that ignores
-the cell (compare it with a pretraining run's val Pearson).
+correlation and mean squared error those group means reach: the ``gene only`` Pearson / MSE is what a
+model that ignores the cell can reach (compare it with a pretraining run's val Pearson / val GEP).
 
     python benchmarks/synthetic_signal.py                       # the default data (conf/data/synthetic.yaml)
     python benchmarks/synthetic_signal.py --n-cells 2000 --set n_genes=300 --set n_batches=1
@@ -58,7 +58,8 @@ def signal_shares(tokens: dict[str, np.ndarray], seed: int = 0) -> dict[str, dic
     for name, key in keys.items():
         pred = _group_prediction(key, y, fit, previous)  # (N,)
         r2 = 1.0 - np.mean((y[test] - pred[test]) ** 2) / var
-        out[name] = dict(r2=float(r2), pearson=float(np.corrcoef(y[test], pred[test])[0, 1]))
+        out[name] = dict(r2=float(r2), pearson=float(np.corrcoef(y[test], pred[test])[0, 1]),
+                         mse=float(np.mean((y[test] - pred[test]) ** 2)))
         previous = pred
     return out
 
@@ -91,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     print("params:", params)
     print("data:", {k: round(v, 3) for k, v in describe(adata).items()})
     shares = signal_shares(binned_tokens(adata[: args.n_cells]))
-    print(f"{'model of the binned value':<22} {'R^2 (held-out cells)':>20} {'Pearson':>8}")
+    print(f"{'model of the binned value':<22} {'R^2 (held-out cells)':>20} {'Pearson':>8} {'MSE':>7}")
     for name, s in shares.items():
-        print(f"{name:<22} {s['r2']:>20.3f} {s['pearson']:>8.3f}")
+        print(f"{name:<22} {s['r2']:>20.3f} {s['pearson']:>8.3f} {s['mse']:>7.1f}")
     r2 = [s["r2"] for s in shares.values()]
     print(f"shares: gene {r2[0]:.3f}, + type {r2[1] - r2[0]:.3f}, + batch {r2[2] - r2[1]:.3f}, rest {1 - r2[2]:.3f}")
 
