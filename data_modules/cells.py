@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 class CsrArena:
     """Reusable ``data``/``indices`` buffers that the blocks of a shuffle buffer are read into, one after
-    the other (a bump allocator, reset for each buffer). Reusing the allocation spares each buffer the
+    the other (a bump allocator, reset for each buffer; store blocks are float32 values, int32 indices). Reusing the allocation spares each buffer the
     page faults of fresh multi-MB arrays. A buffer's arrays are views: they are valid until the next
     :meth:`reset`, so whatever leaves the stream must be a copy (batches are: fancy-indexed rows)."""
 
@@ -31,14 +31,6 @@ class CsrArena:
         self.used = 0
         if capacity > self.data.size:
             self._grow(capacity)
-
-    def alloc(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of the next ``n`` values and indices (earlier views stay valid unless the arena grows;
-        :meth:`filled` always gives the current arrays)."""
-        if self.used + n > self.data.size:
-            self._grow(int(1.5 * (self.used + n)))
-        a, self.used = self.used, self.used + n
-        return self.data[a:self.used], self.indices[a:self.used]
 
     def take_slots(self, n: int) -> int:
         """Room for ``n`` more values in one piece (growing to exactly that if needed): their first offset."""

@@ -139,21 +139,21 @@ class CellBatchStream(IterableDataset):
         return self.plan.batches_per_rank(self.epoch)
 
     def _read(self, group: list[Block], arena: CsrArena) -> CellTable:
-        """A group's blocks as one table (the shuffle buffer). Stores read each block straight into the
-        reused ``arena`` (no concatenation copy); other sources' blocks are concatenated."""
-        direct = all(isinstance(self.sources[b.source], CellStore) for b in group)
-        if direct:  # room for the group's expected values up front (growing copies what was read so far)
-            arena.reset(int(1.1 * sum(b.n_cells * self.sources[b.source].nnz / max(1, self.sources[b.source].n_cells)
-                                      for b in group)))
-        if direct:
-            tables = read_blocks([(self.sources[b.source], b.start, b.stop) for b in group], self.label_keys,
+        """A group's blocks as one table (the shuffle buffer). Blocks of stores are read together straight
+        into the reused ``arena`` (no concatenation copy); other sources' blocks are concatenated."""
+        if all(isinstance(self.sources[b.source], CellStore) for b in group):
+            stores = [self.sources[b.source] for b in group]
+            # room for the group's expected values up front (growing copies what was read so far)
+            arena.reset(int(1.1 * sum(b.n_cells * s.nnz / max(1, s.n_cells) for b, s in zip(group, stores))))
+            tables = read_blocks([(s, b.start, b.stop) for b, s in zip(group, stores)], self.label_keys,
                                  self.vocab, arena)
         else:
+            arena = None
             tables = [self.sources[b.source].read_block(b.start, b.stop, self.label_keys, self.vocab) for b in group]
         for block, table in zip(group, tables):
             for key in self.label_keys:  # store-wide codes -> dataset-wide codes (-1 stays missing)
                 table.labels[key] = np.where(table.labels[key] >= 0, self.label_maps[key][block.source][table.labels[key]], -1)
-        if not direct:
+        if arena is None:
             return CellTable.concat(tables)
         return CellTable.from_arena(arena, [np.diff(t.indptr) for t in tables], [t.gene_ids for t in tables],
                                     [t.labels for t in tables], tables[0].label_names)

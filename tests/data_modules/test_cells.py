@@ -23,8 +23,8 @@ def _into_arena(tables, arena):
     """What a store does with an arena: each block's values copied into the arena's next slots."""
     out = []
     for t in tables:
-        data, indices = arena.alloc(t.nnz)
-        data[:], indices[:] = t.data, t.indices
+        first = arena.take_slots(t.nnz)
+        arena.data[first:first + t.nnz], arena.indices[first:first + t.nnz] = t.data, t.indices
         out.append(t)
     return CellTable.from_arena(arena, [np.diff(t.indptr) for t in out], [t.gene_ids for t in out],
                                 [t.labels for t in out], {})
