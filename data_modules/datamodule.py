@@ -296,12 +296,13 @@ class CellDataModule(L.LightningDataModule):
 
 
 class DataProgress(L.Callback):
-    """Keeps the data module's position: the epoch that starts, and the batches consumed within it."""
+    """Keeps the data module's position: the epoch that starts, and the batches consumed within it (any data
+    module with ``start_epoch`` and ``batches_done``: the cell stream, the paired perturbation data)."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if isinstance(trainer.datamodule, CellDataModule):
+        if hasattr(trainer.datamodule, "start_epoch"):
             trainer.datamodule.start_epoch(trainer.current_epoch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(trainer.datamodule, CellDataModule):
+        if hasattr(trainer.datamodule, "batches_done"):
             trainer.datamodule.batches_done += 1

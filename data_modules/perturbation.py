@@ -19,22 +19,24 @@ instead of the streaming path of :mod:`data_modules.datamodule`.
 - **Reference**: each cell's control reference is the mean control expression of its group, so expression
   changes are measured against controls of the same composition.
 
-Resuming mid-epoch restarts the interrupted epoch's pair order (the whole order is a function of the seed
-and epoch, but the map-style loader keeps no position).
+Exact resume: the pair order is a function of (seed, epoch), each rank takes every ``world``-th pair of
+it (:class:`EpochSampler`), and the data module's state records the epoch and the batches consumed in it,
+so a run resumed mid-epoch skips exactly those and goes on with the pairs the uninterrupted run would have
+drawn.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data_modules.collate import CellBatch
 from scgpt.errors import ConfigError, DataError
@@ -227,22 +229,37 @@ def _assign_splits(condition: np.ndarray, conditions: list[str], unseen: set[str
 
 
 # ---- pairs, batches, loaders ---------------------------------------------------------------------
-class EpochSampler(Sampler):
-    """Yields ``(index, epoch)``: a seeded permutation per epoch (or the order as is), so that the dataset
-    can draw each pair's control from (seed, epoch, row). Lightning calls ``set_epoch``."""
+class EpochSampler(DistributedSampler):
+    """Yields ``(index, epoch)`` for this rank: a seeded permutation per epoch (or the order as is), padded to
+    a multiple of ``num_replicas`` by repeating its start, of which rank r takes items r, r + world, ...; the
+    dataset draws each pair's control from (seed, epoch, row). ``resume()`` -> (epoch, items of this rank
+    already consumed in it) leaves those out (exact resume); it is read when an epoch starts, so a
+    checkpoint restored after the loader was built still counts. A DistributedSampler, so Lightning does
+    not wrap it in another."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    def __init__(self, n: int, seed: int, shuffle: bool, num_replicas: int = 1, rank: int = 0,
+                 resume: Callable[[], tuple[int, int]] = lambda: (-1, 0)) -> None:
+        self.n, self.seed, self.shuffle, self.epoch, self.drop_last = n, seed, shuffle, 0, False
+        self.num_replicas, self.rank = max(1, int(num_replicas)), int(rank)
+        self.per_rank = -(-n // self.num_replicas)  # ceil
+        self.resume = resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _skipped(self) -> int:
+        epoch, items = self.resume()
+        return min(items, self.per_rank) if self.epoch == epoch else 0
+
     def __len__(self) -> int:
-        return self.n
+        """The whole epoch's share, also when resuming: Lightning counts the batches it already ran in."""
+        return self.per_rank
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else range(self.n)
-        return iter([(int(i), self.epoch) for i in order])
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        padded = np.resize(order, self.per_rank * self.num_replicas)  # repeats the start (DistributedSampler's padding)
+        mine = padded[self.rank::self.num_replicas][self._skipped():]
+        return iter([(int(i), self.epoch) for i in mine])
 
 
 class PairedPerturbationDataset(Dataset):
@@ -323,6 +340,8 @@ class PerturbationDataModule(L.LightningDataModule):
         self.seed, self.batch_size = int(cells.seed), int(cells.per_device_batch_size)
         self.num_workers = int(cells.num_workers)
         self._data: PerturbationData | None = None
+        self._epoch, self.batches_done = 0, 0
+        self._resume: tuple[int, int] = (-1, 0)  # (epoch, batches already consumed in it) from a checkpoint
         for store in cells.sources:  # a missing column stops the run here, before any training is set up
             for name, key in obs_keys(perturbation_key, pair_keys, batch_key).items():
                 check_column(store, key, f"task.data_module.{name}")
@@ -369,9 +388,16 @@ class PerturbationDataModule(L.LightningDataModule):
         vocab = self.vocab
         dataset = PairedPerturbationDataset(data, targets, self.seed if train else self.seed + 1,
                                             self.target_cells if train else 1)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=EpochSampler(len(dataset), self.seed, train),
+        world, rank = self._world()
+        resume = (lambda: (self._resume[0], self._resume[1] * self.batch_size)) if train else (lambda: (-1, 0))
+        sampler = EpochSampler(len(dataset), self.seed, train, world, rank, resume)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           collate_fn=PairCollator(data, vocab.cls_id, float(self.cells.collator_options["pad_value"])),
-                          drop_last=train and len(dataset) >= self.batch_size, num_workers=self.num_workers)
+                          drop_last=train and sampler.per_rank >= self.batch_size, num_workers=self.num_workers)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data.rows("train"), train=True)
@@ -379,10 +405,24 @@ class PerturbationDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(np.concatenate([self.data.rows("seen"), self.data.rows("unseen")]), train=False)
 
+    # ---- exact resume (DataProgress keeps the position) -------------------------------------
+    def start_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._epoch, self.batches_done = int(epoch), 0
+
     def state_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "seed": self.seed}
+        skipped = self._resume[1] if self._resume[0] == self._epoch else 0
+        return {"fingerprint": self.fingerprint, "seed": self.seed, "epoch": self._epoch,
+                "batches_done": skipped + self.batches_done, "world_size": self._world()[0]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self.fingerprint:
             raise DataError("checkpoint was trained on other data (store fingerprint differs); resume with the same "
                             "data, or start a new run with init_from= instead of ckpt_path=")
+        if state.get("seed") != self.seed:
+            raise ConfigError(f"seed: the checkpoint used seed {state.get('seed')}; resume with seed={state.get('seed')}")
+        epoch, done = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
+        if done and state.get("world_size") != self._world()[0]:
+            raise ConfigError(f"trainer.devices: the checkpoint stopped mid-epoch with {state.get('world_size')} ranks, "
+                              "and the pair order of each rank depends on it; resume with the same number")
+        self._epoch, self._resume, self.batches_done = epoch, (epoch, done), 0

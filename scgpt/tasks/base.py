@@ -31,9 +31,11 @@ class TrainingTask(L.LightningModule):
         self.export_metadata: dict[str, Any] = {}  # vocabulary and tokenizer settings, set by train()
 
     def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
-        """Dropout noise is a function of (seed, epoch, batch, rank), so a resumed run draws what an
-        uninterrupted one would have drawn."""
-        torch.manual_seed(derive_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
+        """Dropout noise is a function of (seed, optimizer step, micro-batch within the step, rank), so a
+        resumed run draws what an uninterrupted one would have drawn. (Not of Lightning's ``batch_idx``:
+        it restarts from 0 when a map-style loader resumes mid-epoch.)"""
+        micro = batch_idx % max(1, int(self.trainer.accumulate_grad_batches))  # resumes fall on step boundaries
+        torch.manual_seed(derive_seed(self.seed, self.global_step, micro, self.global_rank))
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
         loss, terms = self.losses(batch)[:2]

@@ -159,3 +159,35 @@ def test_missing_perturbation_column_is_one_line_naming_the_field_and_the_fix_ex
                             capture_output=True, text=True, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "obs has no column 'perturbation'" in lines[0]
+
+
+def test_epoch_sampler_shards_ranks_and_skips_consumed_items_of_the_resumed_epoch():
+    from data_modules.perturbation import EpochSampler
+
+    ranks = [EpochSampler(10, seed=3, shuffle=True, num_replicas=3, rank=r) for r in range(3)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    items = [list(s) for s in ranks]
+    assert all(len(i) == 4 for i in items) and {e for i in items for _, e in i} == {1}
+    assert sorted({x for i in items for x, _ in i}) == list(range(10))  # every pair, 2 repeated as padding
+    resumed = EpochSampler(10, seed=3, shuffle=True, num_replicas=3, rank=1, resume=lambda: (1, 3))
+    resumed.set_epoch(1)
+    assert list(resumed) == items[1][3:] and len(resumed) == 4  # the epoch's length, as Lightning counts it
+    resumed.set_epoch(2)  # later epochs from their start
+    assert len(list(resumed)) == 4
+
+
+@pytest.mark.slow
+def test_resumed_perturbation_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    import torch
+
+    common = ["task=perturbation", *PERT_DATA, *TINY, "trainer.max_steps=30", "trainer.val_check_interval=30"]
+    straight = train(compose_config(tmp_path / "straight", *common, "checkpoint.every_n_train_steps=10",
+                                    "checkpoint.keep_all=true"))
+    for step in (10, 20):  # mid-epoch 0, and its end (the training pairs make 20 batches an epoch)
+        interrupted = tmp_path / "straight" / "checkpoints" / f"step-{step:07d}.ckpt"
+        resumed = train(compose_config(tmp_path / f"resumed{step}", *common, f"ckpt_path={interrupted}"))
+        a = torch.load(straight["checkpoint"], weights_only=True)["state_dict"]
+        b = torch.load(resumed["checkpoint"], weights_only=True)["state_dict"]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=f"from step {step}: {key}")
