@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_modules.datamodule import DataProgress
 from scgpt.config import ModelConfig
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
+from scgpt.export import fail
 from scgpt.io import write_json_atomic, write_text_atomic
 from scgpt.model.attention import build_attention_backend
 from scgpt.paths import config_dir
@@ -263,8 +264,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             sys.exit(0 if summary["requeued"] else 143)
         metric = optimized_metric(cfg, summary)
     except ScgptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        fail(exc)
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         print(summary["run_dir"])
     return metric  # for sweepers (hparams_search=optuna)
@@ -307,8 +307,7 @@ def main() -> None:
         try:
             check_overrides(overrides)
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_code)
+            fail(exc)
     _hydra_main()
 
 
