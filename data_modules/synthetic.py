@@ -128,6 +128,7 @@ def make_synthetic_adata(
     perturbed_fraction: float = 0.5,
     perturbation_factor: float = 0.1,
     regulator_activity: float = 0.0,
+    type_effect: float = 1.0,
 ) -> ad.AnnData:
     """Synthetic raw counts; ``X`` is CSR float32 holding integers, ground truth is in ``obs`` and ``uns``.
 
@@ -135,7 +136,9 @@ def make_synthetic_adata(
     ``feature_type`` (see :mod:`data_modules.synthetic_modality`); off by default.
     ``n_regulators`` > 0 plants a regulator -> target network and ``n_perturbations`` perturbation conditions
     (see :mod:`data_modules.synthetic_perturbation`); off by default. ``regulator_activity`` > 0 also
-    varies the regulators (and so their targets) from cell to cell within a type.
+    varies the regulators (and so their targets) from cell to cell within a type. ``type_effect`` scales
+    every cell-type log fold change (programs and per-gene factors): below 1 the types are closer and harder
+    to tell apart; 1 is the default data.
     """
     n_programs = 2 * n_cell_types if n_programs is None else n_programs
     _check_params(n_cells, n_genes, n_cell_types, n_programs, n_batches)
@@ -150,8 +153,8 @@ def make_synthetic_adata(
     type_mult = np.ones((n_cell_types, n_genes))  # (T, G)
     for t, progs in type_programs.items():  # loop over types, not cells
         for p in progs:
-            type_mult[t, program_genes[p]] *= np.exp(rng.uniform(np.log(_FOLD[0]), np.log(_FOLD[1])))
-    type_mult[:, candidates] *= rng.lognormal(0.0, _TYPE_SIGMA, size=(n_cell_types, candidates.size))
+            type_mult[t, program_genes[p]] *= np.exp(rng.uniform(np.log(_FOLD[0]), np.log(_FOLD[1])) * type_effect)
+    type_mult[:, candidates] *= rng.lognormal(0.0, _TYPE_SIGMA, size=(n_cell_types, candidates.size)) ** type_effect
 
     # Batches: multiplicative gene effects and library-size shifts.
     if n_batches > 1:
@@ -208,6 +211,8 @@ def make_synthetic_adata(
         ).items()
     }
     adata.uns["synthetic"].update({k: int(v) for k, v in dict(n_proteins=n_proteins, n_peaks=n_peaks).items() if v})
+    if type_effect != 1.0:
+        adata.uns["synthetic"]["type_effect"] = float(type_effect)
     if design is not None:
         design.annotate(adata)  # obs['perturbation'], uns['regulatory_network'], uns['perturbations']
     return adata
@@ -239,6 +244,7 @@ def default_dataset_path(cache_dir: str | os.PathLike[str] | None = None, **para
     if p["n_regulators"]:
         name += f"_reg{p['n_regulators']}_pert{p['n_perturbations']}x{p['perturbed_fraction']}f{p['perturbation_factor']}"
         name += f"_act{p['regulator_activity']}" if p["regulator_activity"] else ""
+    name += f"_te{p['type_effect']}" if p["type_effect"] != 1.0 else ""
     return Path(cache_dir).expanduser() / f"{name}.zarr"
 
 

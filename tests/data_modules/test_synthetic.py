@@ -131,3 +131,27 @@ def test_default_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SCGPT_CACHE", str(tmp_path / "cache"))
     assert default_dataset_path().parent == tmp_path / "cache"
     assert default_dataset_path().name == "synthetic_2000x500_t5_b1_s0_v2.zarr"
+
+
+def test_type_effect_one_is_the_default_data_and_its_cache(adata):
+    same = make_synthetic_adata(**SMALL, seed=0, type_effect=1.0)
+    assert (adata.X != same.X).nnz == 0 and "type_effect" not in same.uns["synthetic"]
+    assert default_dataset_path("/c", **SMALL, type_effect=1.0) == default_dataset_path("/c", **SMALL)
+    assert default_dataset_path("/c", **SMALL, type_effect=0.25).name.endswith("_te0.25.zarr")
+
+
+def test_smaller_type_effect_brings_cell_types_closer(adata):
+    """Distance between cell-type mean profiles (log-normalised) shrinks with ``type_effect``; the cell-type
+    share of the binned values with it."""
+    def type_spread(a):
+        x = a.X.toarray()
+        x = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
+        codes = a.obs["cell_type"].cat.codes.to_numpy()
+        means = np.stack([x[codes == t].mean(0) for t in np.unique(codes)])  # (T, G)
+        return np.linalg.norm(means - means.mean(0), axis=1).mean()
+
+    close = make_synthetic_adata(**SMALL, seed=0, type_effect=0.25)
+    assert close.uns["synthetic"]["type_effect"] == 0.25
+    assert type_spread(close) < 0.5 * type_spread(adata)
+    shares = signal_shares(binned_tokens(close))
+    assert shares["gene + type"]["r2"] - shares["gene only"]["r2"] < 0.05
