@@ -60,9 +60,10 @@ def without_singletons(labels: np.ndarray) -> np.ndarray:
     return np.where((labels >= 0) & (counts[np.maximum(labels, 0)] >= 2), labels, -1)
 
 
-def transfer_accuracy(train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, n_components: int = 50,
+def transfer_accuracy(train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, n_components: int | None = 50,
                       seed: int = 0) -> float:
-    """Logistic regression on the PCA of ``train_x`` (fitted there), scored on ``test_x``: labelled cells only."""
+    """Logistic regression on the PCA of ``train_x`` (fitted there), scored on ``test_x``: labelled cells only.
+    ``n_components=None``: on ``train_x`` itself (an embedding), no PCA."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
 
@@ -71,6 +72,8 @@ def transfer_accuracy(train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, 
         return float("nan")
     dense = lambda x: (x.toarray() if hasattr(x, "toarray") else np.asarray(x)).astype(np.float32)  # noqa: E731
     x_train, x_test = dense(train_x)[keep], dense(test_x)[held]
-    pca = PCA(n_components=max(1, min(n_components, min(x_train.shape) - 1)), random_state=seed).fit(x_train)
-    model = LogisticRegression(max_iter=2000).fit(pca.transform(x_train), train_y[keep])
-    return float((model.predict(pca.transform(x_test)) == test_y[held]).mean())
+    if n_components is not None:
+        pca = PCA(n_components=max(1, min(n_components, min(x_train.shape) - 1)), random_state=seed).fit(x_train)
+        x_train, x_test = pca.transform(x_train), pca.transform(x_test)
+    model = LogisticRegression(max_iter=2000).fit(x_train, train_y[keep])
+    return float((model.predict(x_test) == test_y[held]).mean())

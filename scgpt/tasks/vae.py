@@ -23,6 +23,7 @@ from data_modules.collate import CellBatch
 from scgpt.errors import ConfigError
 from scgpt.metrics import logistic_regression_accuracy, plot_embedding
 from scgpt.model.vae import VAE, VAEOutput, dense_expression, kl_divergence, reconstruction_loss
+from scgpt.tasks.annotation import transfer_accuracy
 from scgpt.tasks.base import TrainingTask
 from scgpt.tasks.finetune import embedding_report, log_collected_metrics
 
@@ -34,7 +35,9 @@ OBJECTIVES = ("recon", "kl")
 class VAETask(TrainingTask):
     """Loss ``recon * reconstruction + kl * KL`` (``task.objectives``; ``kl`` is beta). Validation metrics as
     :class:`~scgpt.tasks.integration.IntegrationTask` (model and ``pca/``), plus ``logreg_accuracy`` of the
-    embedding (the annotation linear probe) and ``val/recon``, ``val/kl``."""
+    embedding (the annotation linear probe) and ``val/recon``, ``val/kl``. On a test split (``data.test_split``)
+    the same under ``test/``, plus ``logreg_transfer_accuracy`` and ``pca_logreg_transfer_accuracy`` (classifiers
+    fitted on the latest validation cells, scored on the held-out ones: the annotation table's protocol)."""
 
     def __init__(self, model: dict[str, Any], objectives: dict[str, float],
                  objective_options: dict[str, dict[str, Any]] | None = None,
@@ -75,17 +78,35 @@ class VAETask(TrainingTask):
 
     # ---- steps ------------------------------------------------------------------------------
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def _eval_step(self, batch: CellBatch, prefix: str) -> None:
         loss, terms, out, x = self.losses(batch)
-        self.log("val/loss", loss, sync_dist=True, batch_size=batch.n_cells)
-        self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=batch.n_cells)
+        self.log(f"{prefix}/loss", loss, sync_dist=True, batch_size=batch.n_cells)
+        self.log_dict({f"{prefix}/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=batch.n_cells)
         c = self._collected
         c["emb"].append(out.z_mu.detach().float().cpu().numpy())  # z_mu as is (not L2-normalised)
         for key, codes in batch.labels.items():
             c[f"label/{key}"].append(codes.cpu().numpy())
-        c["expression"].append(sp.csr_matrix(x.detach().cpu().numpy()))
+        # the binned values (x * scale): the same matrix the scGPT tasks' PCA baselines see
+        c["expression"].append(sp.csr_matrix(x.detach().cpu().numpy() * self.scale))
 
     def on_validation_epoch_end(self) -> None:
         log_collected_metrics(self)
+
+    # ---- test (data.test_split: held-out cells, evaluated once after training) -------------------
+    def test_step(self, batch: CellBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._reference = self.last_eval or None  # the latest validation cells: the transfer classifiers' training set
+
+    def on_test_epoch_end(self) -> None:
+        log_collected_metrics(self, prefix="test")
+        self._reference = None
+
+    def on_test_end(self) -> None:
+        self._write_plots("plots/test")
 
     def evaluate(self, arrays: dict[str, Any]) -> dict[str, float]:
         cell_types = arrays.get(f"label/{self.label_key}") if self.label_key else None
@@ -96,6 +117,22 @@ class VAETask(TrainingTask):
             out["batch_mixing_gain"] = out["batch_mixing"] - out["pca/batch_mixing"]
         if cell_types is not None:
             out["logreg_accuracy"] = logistic_regression_accuracy(arrays["emb"], cell_types, seed=self.seed)
+            out.update(self._transfer(arrays, cell_types))
+        return out
+
+    def _transfer(self, arrays: dict[str, Any], cell_types) -> dict[str, float]:
+        """On the test split: logistic regression fitted on the latest validation cells, scored on these: on z_mu
+        (``logreg_transfer_accuracy``, the counterpart of annotation's held-out accuracy) and on the PCA of the
+        binned values (``pca_logreg_transfer_accuracy``, annotation's baseline)."""
+        reference = getattr(self, "_reference", None)
+        truth = reference.get(f"label/{self.label_key}") if reference else None
+        if truth is None:
+            return {}
+        out = {"logreg_transfer_accuracy": transfer_accuracy(reference["emb"], truth, arrays["emb"], cell_types,
+                                                             n_components=None, seed=self.seed)}
+        if "expression" in reference and "expression" in arrays:
+            out["pca_logreg_transfer_accuracy"] = transfer_accuracy(reference["expression"], truth,
+                                                                    arrays["expression"], cell_types, seed=self.seed)
         return out
 
     # ---- plots ------------------------------------------------------------------------------
@@ -106,7 +143,7 @@ class VAETask(TrainingTask):
         if not self.trainer.training and self.trainer.state.fn == "validate":
             self._write_plots()
 
-    def _write_plots(self) -> None:
+    def _write_plots(self, subdir: str = "plots") -> None:
         if not self.plots or not self.last_eval or not self.trainer.is_global_zero:
             return
         colourings = {}
@@ -118,7 +155,7 @@ class VAETask(TrainingTask):
             return
         try:
             path = plot_embedding(self.last_eval["emb"], colourings,
-                                  Path(self.trainer.default_root_dir) / "plots" / "embedding.png", self.seed)
+                                  Path(self.trainer.default_root_dir) / subdir / "embedding.png", self.seed)
         except Exception as exc:  # a plot must never fail a run
             log.warning("plots skipped: %s", exc)
             return
