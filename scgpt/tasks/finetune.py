@@ -136,14 +136,15 @@ def log_collected_metrics(task, prefix: str = "val") -> None:
 
 def binned_expression(batch: CellBatch, n_genes: int) -> sp.csr_matrix:
     """(B, vocab) sparse matrix of the batch's true binned values (the tokens the model saw, unmasked)."""
+    gene_ids, values = batch.gene_ids.cpu(), batch.target_values.cpu()  # the batch may live on a GPU
     if batch.padding_mask is not None:
-        real = ~batch.padding_mask
+        real = ~batch.padding_mask.cpu()  # (B, L)
         rows = torch.arange(real.shape[0])[:, None].expand_as(real)[real]
-        ids, values = batch.gene_ids[real], batch.target_values[real]
+        ids, values = gene_ids[real], values[real]
     else:
-        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long().cpu()  # (B,)
         rows = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-        ids, values = batch.gene_ids, batch.target_values
+        ids = gene_ids
     keep = values > 0  # drops <cls> (pad_value) and zeros
     return sp.csr_matrix((values[keep].float().numpy(), (rows[keep].numpy(), ids[keep].numpy())),
                          shape=(batch.n_cells, n_genes))
