@@ -79,8 +79,10 @@ def drop_modalities(batch: CellBatch, share: float, generator: torch.Generator, 
     feature = mods != SPECIAL
     present = torch.zeros(batch.n_cells, SPECIAL, dtype=torch.bool, device=mods.device)  # (B, 3)
     present[cell[feature], mods[feature]] = True
-    drop_cell = (torch.rand(batch.n_cells, generator=generator) < share) & (present.sum(1) >= 2)  # (B,)
-    scores = torch.rand(batch.n_cells, SPECIAL, generator=generator).masked_fill(~present, -1.0)
+    # draws on the generator's device (the host), used where the batch lives: the same draws on CPU and GPU
+    draws = torch.rand(batch.n_cells, generator=generator).to(mods.device)  # (B,)
+    drop_cell = (draws < share) & (present.sum(1) >= 2)  # (B,)
+    scores = torch.rand(batch.n_cells, SPECIAL, generator=generator).to(mods.device).masked_fill(~present, -1.0)
     dropped = scores.argmax(1)  # (B,) a modality the cell has
     drop = feature & drop_cell[cell] & (mods == dropped[cell])
     return select_tokens(batch, ~drop, pad_token_id, pad_value) if bool(drop.any()) else batch
