@@ -3,7 +3,7 @@
 #
 #   [STEPS="tests bench bench_large profile scale train"] [TRAIN_STRATEGIES="ddp deepspeed_zero2"] [TRAIN_OVERRIDES=...] bash benchmarks/gpu_checks.sh OUTDIR [WHEELDIR]
 #
-# 1. the GPU-only tests (attention backends in bf16 against the fp32 reference, fused AdamW);
+# 1. the GPU-only tests (attention backends in bf16 against the fp32 reference, fused AdamW, every task end to end);
 # 2. benchmarks/train_step.py on the whole-human shape: the original architecture (padded
 #    nn.TransformerEncoder) side by side with our sdpa / flash_attn backends, padded and packed, with the
 #    compile and fused-AdamW options; then a larger batch (``bench``); a profile of the flash_attn
@@ -47,7 +47,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log
   tail -n 4 "$OUT/$name.log"
 }
 
-want tests && step gpu_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/model
+want tests && step gpu_tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/model tests/tasks
 
 BENCH="$PY benchmarks/train_step.py --shapes whole_human --device cuda --dtype bfloat16"
 want bench && step train_step_b32 150 $BENCH --backends sdpa,flash_attn --batch-size 32 --steps 20 --warmup 5 --extras compile,fused_adamw
