@@ -62,7 +62,7 @@ class InputEmbedding(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         d, eps = cfg.d_model, cfg.layer_norm_eps
-        self.value_encoding = cfg.value_encoding
+        self.value_encoding, self.mask_value = cfg.value_encoding, float(cfg.mask_value)
         self.encoder = GeneEncoder(cfg.vocab_size, d, cfg.pad_token_id, eps)
         if cfg.value_encoding == "continuous":
             self.value_encoder = ContinuousValueEncoder(d, cfg.dropout, eps)
@@ -75,8 +75,9 @@ class InputEmbedding(nn.Module):
                 perturbation_flags: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns (token inputs, gene embeddings), both (..., D); the latter feeds the MVC head."""
         genes = self.encoder(gene_ids)
-        if self.value_encoding == "scaling":
-            x = genes * values.clamp(min=0).unsqueeze(-1).to(genes.dtype)
+        if self.value_encoding == "scaling":  # as scGPT's src * values: a hidden value reads -1, the gene stays known
+            scale = torch.where(values == self.mask_value, -1.0, values.clamp(min=0))  # (..., L)
+            x = genes * scale.unsqueeze(-1).to(genes.dtype)
         else:
             x = genes + self.value_encoder(values)
         if self.modality_encoder is not None and modality_ids is not None:

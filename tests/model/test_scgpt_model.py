@@ -133,6 +133,20 @@ def test_value_encodings_and_norm_schemes_run(encoding, norm):
     assert torch.isfinite(out.expr_pred).all()
 
 
+def test_scaling_encoding_keeps_the_identity_of_a_masked_gene():
+    """With value_encoding=scaling a hidden value (mask_value) must not erase its gene: the prediction at a
+    masked position depends on which gene is masked there (scGPT multiplies the gene embedding by -1)."""
+    model = _model(value_encoding="scaling")
+    gene_ids, values, padding, _ = random_tokens([6])
+    values[0, 2] = -1.0  # masked
+    other = gene_ids.clone()
+    other[0, 2] = (gene_ids[0, 2] + 1 - 3) % (VOCAB - 3) + 3  # another (non-special) gene at the masked slot
+    assert other[0, 2] != gene_ids[0, 2]
+    layout = TokenLayout(padding_mask=padding)
+    pred = model(gene_ids, values, layout).expr_pred[0, 2]
+    assert not torch.allclose(pred, model(other, values, layout).expr_pred[0, 2])
+
+
 @pytest.mark.parametrize("overrides, key", [
     ({"d_model": 30, "n_heads": 4}, "model.d_model"),
     ({"max_seq_len": 1}, "model.max_seq_len"),
