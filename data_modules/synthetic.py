@@ -142,6 +142,8 @@ def make_synthetic_adata(
     """
     n_programs = 2 * n_cell_types if n_programs is None else n_programs
     _check_params(n_cells, n_genes, n_cell_types, n_programs, n_batches)
+    if not isinstance(type_effect, (int, float)) or isinstance(type_effect, bool) or not 0 <= type_effect <= 10:
+        raise ConfigError(f"synthetic data: type_effect={type_effect!r} must be a number in [0, 10] (1: the default data)")
     rng = np.random.default_rng(seed)
 
     # Genes: baseline proportions (most genes low), per-gene NB dispersion, programs.

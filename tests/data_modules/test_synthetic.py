@@ -155,3 +155,11 @@ def test_smaller_type_effect_brings_cell_types_closer(adata):
     assert type_spread(close) < 0.5 * type_spread(adata)
     shares = signal_shares(binned_tokens(close))
     assert shares["gene + type"]["r2"] - shares["gene only"]["r2"] < 0.05
+
+
+@pytest.mark.parametrize("value", [-0.5, "strong", 50.0])
+def test_bad_type_effect_is_a_config_error_naming_the_key(value):
+    from scgpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"synthetic data: type_effect=.* must be a number in \[0, 10\]"):
+        make_synthetic_adata(**SMALL, type_effect=value)
