@@ -39,12 +39,15 @@ _LIBRARY = (3000.0, 0.5)  # median counts per cell and the log-normal spread of 
 _DISPERSION = (0.1, 0.3)  # per-gene negative binomial dispersion range
 
 
-def _check_params(n_cells: int, n_genes: int, n_cell_types: int, n_programs: int, n_batches: int) -> None:
+def _check_params(n_cells: int, n_genes: int, n_cell_types: int, n_programs: int, n_batches: int,
+                  type_effect: float) -> None:
     for key, value in dict(
         n_cells=n_cells, n_genes=n_genes, n_cell_types=n_cell_types, n_programs=n_programs, n_batches=n_batches
     ).items():
         if int(value) != value or value < 1:
             raise ConfigError(f"synthetic data: {key}={value!r} must be a positive integer")
+    if not isinstance(type_effect, (int, float)) or isinstance(type_effect, bool) or not 0 <= type_effect <= 10:
+        raise ConfigError(f"synthetic data: type_effect={type_effect!r} must be a number in [0, 10] (1: the default data)")
 
 
 def _make_programs(
@@ -141,9 +144,7 @@ def make_synthetic_adata(
     to tell apart; 1 is the default data.
     """
     n_programs = 2 * n_cell_types if n_programs is None else n_programs
-    _check_params(n_cells, n_genes, n_cell_types, n_programs, n_batches)
-    if not isinstance(type_effect, (int, float)) or isinstance(type_effect, bool) or not 0 <= type_effect <= 10:
-        raise ConfigError(f"synthetic data: type_effect={type_effect!r} must be a number in [0, 10] (1: the default data)")
+    _check_params(n_cells, n_genes, n_cell_types, n_programs, n_batches, type_effect)
     rng = np.random.default_rng(seed)
 
     # Genes: baseline proportions (most genes low), per-gene NB dispersion, programs.
