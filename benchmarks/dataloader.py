@@ -112,7 +112,7 @@ def write_wide_h5ad(path: Path, n_cells: int, n_genes: int, mean_nnz: int, seed:
 
 
 def ensure_wide_data(workdir: Path, n_cells: int, n_genes: int, mean_nnz: int) -> tuple[Path, Path, dict]:
-    from data_modules.store import convert_to_store
+    from data_modules.convert import convert_to_store
 
     name = f"wide_{n_cells}x{n_genes}_nnz{mean_nnz}"
     h5ad, store = workdir / f"{name}.h5ad", workdir / f"{name}.zarr"
@@ -134,7 +134,7 @@ def ensure_tiny_store(workdir: Path, n_cells: int, nnz: int = 10, n_genes: int =
     import pandas as pd
     import scipy.sparse as sp
 
-    from data_modules.store import write_store
+    from data_modules.convert import write_store
 
     store = workdir / f"tiny_{n_cells}x{nnz}.zarr"
     if store.exists():

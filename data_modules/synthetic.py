@@ -253,7 +253,7 @@ def default_dataset_path(cache_dir: str | os.PathLike[str] | None = None, **para
 
 def ensure_synthetic_store(cache_dir: str | os.PathLike[str] | None = None, **params: Any) -> Path:
     """The cached synthetic dataset as a cell store, made (atomically) on first use."""
-    from data_modules.store import write_store  # the store module is heavy; only needed on first use
+    from data_modules.convert import write_store  # the store writer is heavy; only needed on first use
 
     path = default_dataset_path(cache_dir, **params)
     if not path.exists():

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data_modules.store import anndata_writing
+from data_modules.store_format import anndata_writing
 from scgpt.checkpoints import build_model, read_checkpoint
 from scgpt.embed import (DEFAULT_MIN_OVERLAP, CellTokenizer, GeneMatch, RowSource, _device, _open_input, _progress,
                          check_paths, iter_cell_outputs, match_genes, output_copy, rows_of_anndata)

@@ -89,7 +89,7 @@ def _print_report(report) -> None:
 
 
 def _convert(args: argparse.Namespace, created_by: str) -> None:
-    from data_modules.store import convert_to_store
+    from data_modules.convert import convert_to_store
 
     report = convert_to_store(
         args.inputs, args.out, vocab=args.vocab, gene_column=args.gene_column, layer=args.layer,
@@ -100,7 +100,7 @@ def _convert(args: argparse.Namespace, created_by: str) -> None:
 
 
 def _synth(args: argparse.Namespace, created_by: str) -> None:
-    from data_modules.store import write_store
+    from data_modules.convert import write_store
     from data_modules.synthetic import make_synthetic_adata
     from scgpt.errors import DataError
 

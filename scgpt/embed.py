@@ -324,7 +324,7 @@ def _output_skeleton(path: Path, out_tmp: Path, rows: RowSource) -> None:
         return
     import zarr
 
-    from data_modules.store import anndata_writing
+    from data_modules.store_format import anndata_writing
 
     obs = ad.io.read_elem(zarr.open_group(str(path), mode="r")["obs"])
     with anndata_writing():

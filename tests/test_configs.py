@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import get_class, instantiate
 
-from data_modules.store import write_store
+from data_modules.convert import write_store
 from data_modules.synthetic import make_synthetic_adata
 from scgpt.config import ModelConfig
 from scgpt.errors import ConfigError

@@ -171,7 +171,7 @@ def test_umap_is_skipped_cleanly_without_umap_learn(model_dir, h5ad, tmp_path, c
 
 
 def test_store_input(model_dir, tmp_path, capsys):
-    from data_modules.store import write_store
+    from data_modules.convert import write_store
 
     adata = make_adata()
     adata.X = adata.X.tocsr()

@@ -8,7 +8,8 @@ import anndata as ad
 import scipy.sparse as sp
 
 from data_modules.cells import CellTable, CsrArena
-from data_modules.store import CellStore, read_blocks, write_store
+from data_modules.convert import write_store
+from data_modules.store import CellStore, read_blocks
 from scgpt.tokenizer.vocab import GeneVocab
 
 

@@ -149,7 +149,7 @@ def test_resuming_with_the_domain_sampler_and_two_workers_matches_uninterrupted(
 # ---- through the data module --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def batched_store(tmp_path_factory):
-    from data_modules.store import write_store
+    from data_modules.convert import write_store
     from data_modules.synthetic import make_synthetic_adata
 
     path = tmp_path_factory.mktemp("domain") / "cells.zarr"

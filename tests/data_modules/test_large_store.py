@@ -11,7 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 from data_modules.datamodule import CellDataModule
-from data_modules.store import CellStore, write_store
+from data_modules.convert import write_store
+from data_modules.store import CellStore
 
 N_CELLS, NNZ, N_GENES = 1_000_000, 10, 200
 X_BYTES = N_CELLS * NNZ * (4 + 4) + (N_CELLS + 1) * 8  # data + indices + indptr, uncompressed: 88 MB

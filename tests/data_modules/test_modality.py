@@ -10,7 +10,8 @@ import torch
 from data_modules.collate import CellCollator, CollatorConfig
 from data_modules.modality import (ADT, ATAC, RNA, SPECIAL, modality_codes, store_modalities, token_quota,
                                    vocab_modalities)
-from data_modules.store import CellStore, write_store
+from data_modules.convert import write_store
+from data_modules.store import CellStore
 from data_modules.synthetic import make_synthetic_adata
 from scgpt.errors import DataError
 from scgpt.seeding import make_generator
@@ -129,7 +130,7 @@ def test_rna_only_store_has_no_feature_type_and_no_modality_table(tmp_path):
 
 
 def test_converted_10x_style_h5ad_keeps_feature_types(tmp_path):
-    from data_modules.store import convert_to_store
+    from data_modules.convert import convert_to_store
 
     adata = make_synthetic_adata(n_cells=40, n_genes=20, seed=0, n_proteins=3)
     adata.var = adata.var.rename(columns={"feature_type": "feature_types"})  # scanpy's read_10x_h5 name

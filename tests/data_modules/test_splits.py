@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_modules.datamodule import CellDataModule
-from data_modules.store import write_store
+from data_modules.convert import write_store
 from data_modules.synthetic import make_synthetic_adata
 from scgpt.errors import ConfigError
 

@@ -14,8 +14,9 @@ import scipy.io
 import scipy.sparse as sp
 
 from data_modules.cells import CellTable
-import data_modules.store as store_module
-from data_modules.store import CellStore, convert_to_store, open_dataset, write_manifest, write_store
+import data_modules.codecs as codecs_module
+from data_modules.convert import convert_to_store, write_store
+from data_modules.store import CellStore, open_dataset, write_manifest
 from data_modules.synthetic import make_synthetic_adata
 from scgpt.errors import DataError
 from scgpt.tokenizer.vocab import GeneVocab
@@ -96,13 +97,13 @@ def test_blocks_cover_the_store_and_read_contiguously(adata, store, monkeypatch)
     parts = [cs.read_block(a, min(a + 70, cs.n_cells), [], vocab).counts for a in range(0, cs.n_cells, 70)]
     assert (sp.vstack(parts) != ad.read_zarr(store).X).nnz == 0
     calls = []
-    original = store_module._read_into
+    original = codecs_module._read_into
 
     async def recording(pairs):
         calls.extend((array.path, a, b) for array, a, b, _ in pairs)
         await original(pairs)
 
-    monkeypatch.setattr(store_module, "_read_into", recording)
+    monkeypatch.setattr(codecs_module, "_read_into", recording)
     cs.read_block(0, cs.n_cells, [], vocab)
     # the whole block in one slice of each X array (values and indices read together), not per cell
     assert calls == [("X/indptr", 0, cs.n_cells + 1), ("X/data", 0, cs.nnz), ("X/indices", 0, cs.nnz)]

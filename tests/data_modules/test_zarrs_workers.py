@@ -14,8 +14,11 @@ import textwrap
 import numpy as np
 import pytest
 
-import data_modules.store as store_module
-from data_modules.store import PYTHON_PIPELINE, ZARRS_PIPELINE, CellStore, block_codec_pipeline, write_store
+import data_modules.codecs as codecs_module
+import data_modules.convert as convert_module
+from data_modules.codecs import PYTHON_PIPELINE, ZARRS_PIPELINE, block_codec_pipeline
+from data_modules.convert import write_store
+from data_modules.store import CellStore
 from data_modules.synthetic import make_synthetic_adata
 
 pytest.importorskip("zarrs")
@@ -24,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     from torch.utils.data import DataLoader, IterableDataset
     from data_modules.datamodule import CellDataModule
-    from data_modules.store import zarrs_started_here
+    from data_modules.codecs import zarrs_started_here
 
     class Probe(IterableDataset):  # one worker's cells, then the pipeline that decoded its blocks
         def __init__(self, stream):
@@ -66,7 +69,7 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in (("DATA_CHUNK", 256), ("DATA_SHARD", 16 * 256), ("INDPTR_CHUNK", 64),
                             ("INDPTR_SHARD", 16 * 64)):
-            patch.setattr(store_module, name, value)
+            patch.setattr(convert_module, name, value)
         write_store(adata, path, obs_keys=["cell_id"], seed=1)
     return path
 
@@ -108,9 +111,9 @@ def test_two_workers_stream_with_zarrs_without_hanging(store):
 def test_a_global_zarrs_setting_marks_the_process_so_its_forks_fall_back(monkeypatch, store):
     import zarr
 
-    from data_modules.store import inherited_zarrs_pool, zarrs_started_here
+    from data_modules.codecs import inherited_zarrs_pool, zarrs_started_here
 
-    monkeypatch.setattr(store_module, "_ZARRS_PIDS", set())  # this test's own record (metadata reads only)
+    monkeypatch.setattr(codecs_module, "_ZARRS_PIDS", set())  # this test's own record (metadata reads only)
     cs = CellStore(store)
     cs.vocab()
     assert not zarrs_started_here()
@@ -119,5 +122,5 @@ def test_a_global_zarrs_setting_marks_the_process_so_its_forks_fall_back(monkeyp
         other.vocab()
         assert zarrs_started_here()  # so DataLoader workers forked from here decode with zarr-python
         assert type(other._array("X/indptr").async_array.codec_pipeline).__name__ == "BatchedCodecPipeline"
-    monkeypatch.setattr(store_module.os, "getpid", lambda: -1)  # as seen from a forked child
+    monkeypatch.setattr(codecs_module.os, "getpid", lambda: -1)  # as seen from a forked child
     assert inherited_zarrs_pool() and block_codec_pipeline() == PYTHON_PIPELINE

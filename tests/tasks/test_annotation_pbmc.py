@@ -33,7 +33,7 @@ def pbmc68k_counts() -> ad.AnnData:
 
 
 def test_annotation_smoke_on_pbmc68k_reduced(tmp_path):
-    from data_modules.store import write_store
+    from data_modules.convert import write_store
 
     adata = pbmc68k_counts()
     write_store(adata, tmp_path / "pbmc.zarr", obs_keys=["cell_type"], seed=0)

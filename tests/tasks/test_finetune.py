@@ -93,7 +93,7 @@ def test_init_from_missing_path_names_it(tmp_path):
 
 
 def test_init_from_checkpoint_of_other_genes_reports_the_overlap(tmp_path, pretrained):
-    from data_modules.store import write_store
+    from data_modules.convert import write_store
     from data_modules.synthetic import make_synthetic_adata
 
     adata = make_synthetic_adata(n_cells=200, n_genes=200, seed=3)
