@@ -4,6 +4,7 @@ genes) in order, with its gene names, gene ids, feature types and obs columns.""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -104,7 +105,18 @@ class _H5adSource(_Source):
     def read_obs(self, key: str) -> pd.Series:
         if key not in self.obs_columns:
             raise DataError(f"{self.path}: obs has no column {key!r}; available: {', '.join(self.obs_columns)}")
-        return pd.Series(ad.io.read_elem(self._file["obs"][key]))
+        node = self._file["obs"][key]
+        if "categories" in node.attrs:  # anndata < 0.8: int codes + a reference into obs/__categories
+            return self._legacy_obs()[key].reset_index(drop=True)
+        return pd.Series(ad.io.read_elem(node))
+
+    def _legacy_obs(self) -> pd.DataFrame:
+        """The whole obs frame through anndata's own reader, which decodes both categorical encodings."""
+        if getattr(self, "_obs_frame", None) is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # anndata's OldFormatWarning: the legacy layout is what we read
+                self._obs_frame = ad.io.read_elem(self._file["obs"])
+        return self._obs_frame
 
     def close(self) -> None:
         self._file.close()
