@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from data_modules.counts_sampler import sample_counts
+from data_modules.synthetic_modality import add_modalities
+from data_modules.synthetic_perturbation import perturb
 from scgpt.errors import ConfigError
 
-_CHUNK_CELLS = 4096  # cells per sampling chunk; fixed so that results depend only on the seed
 GENERATOR_VERSION = 2  # part of the cache name: bump it whenever a seed's counts change
 # Chosen so that cell identity drives a real share of the binned values the model learns
 # (benchmarks/synthetic_signal.py; BENCHMARKS.md "Pretraining and the cell embedding").
@@ -81,30 +82,6 @@ def _baseline(rng: np.random.Generator, n_genes: int) -> tuple[np.ndarray, np.nd
         base[is_hk] *= _HOUSEKEEPING_SHARE / base[is_hk].sum()
         base[~is_hk] *= (1.0 - _HOUSEKEEPING_SHARE) / base[~is_hk].sum()
     return base / base.sum(), np.flatnonzero(~is_hk)
-
-
-def _sample_chunk(
-    rng: np.random.Generator, mean: np.ndarray, shape: np.ndarray, rows: np.ndarray, lib: np.ndarray
-) -> sp.csr_matrix:
-    mu = mean[rows] * lib[:, None].astype(np.float32)  # (C, G)
-    rate = rng.standard_gamma(shape, size=mu.shape, dtype=np.float32) / shape  # mean 1, var 1/shape
-    return sp.csr_matrix(rng.poisson(mu * rate).astype(np.float32))
-
-
-def _sample_counts(
-    rng: np.random.Generator, mean: np.ndarray, shape: np.ndarray, rows: np.ndarray, lib: np.ndarray
-) -> sp.csr_matrix:
-    """Gamma-Poisson counts with mean ``lib[c] * mean[rows[c]]`` per gene.
-
-    Cells are cut into fixed chunks, each with its own spawned generator, and sampled on threads (numpy
-    releases the GIL while sampling); the result depends only on the seed, not on the thread count.
-    """
-    starts = range(0, rows.size, _CHUNK_CELLS)
-    chunk_rngs = rng.spawn(len(starts))
-    jobs = [(g, mean, shape, rows[s : s + _CHUNK_CELLS], lib[s : s + _CHUNK_CELLS]) for g, s in zip(chunk_rngs, starts)]
-    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1, 8)) as pool:
-        blocks = list(pool.map(lambda job: _sample_chunk(*job), jobs))
-    return sp.vstack(blocks, format="csr", dtype=np.float32)
 
 
 def _fill_empty_cells(rng: np.random.Generator, x: sp.csr_matrix) -> sp.csr_matrix:
@@ -177,14 +154,12 @@ def make_synthetic_adata(
     shape = (1.0 / dispersion).astype(np.float32)
     rows, design = cell_type * n_batches + batch, None
     if n_regulators:  # planted network and perturbations, from their own generator (off: nothing drawn)
-        from data_modules.synthetic_perturbation import perturb
-
         design = perturb(np.random.default_rng([seed, 7]), prop, rows, base=base, candidates=candidates,
                          type_mult=type_mult, n_batches=n_batches, n_regulators=n_regulators,
                          n_perturbations=n_perturbations, perturbed_fraction=perturbed_fraction,
                          perturbation_factor=perturbation_factor, regulator_activity=regulator_activity)
         prop, rows = design.prop, design.rows
-    x = _sample_counts(rng, prop.astype(np.float32), shape, rows, lib)
+    x = sample_counts(rng, prop.astype(np.float32), shape, rows, lib)
     x = _fill_empty_cells(rng, x)
 
     var_names = np.array([f"SYN{i:05d}" for i in range(n_genes)])
@@ -197,8 +172,6 @@ def make_synthetic_adata(
     )
     var, modality_uns = pd.DataFrame(index=pd.Index(var_names)), {}
     if n_proteins or n_peaks:  # own generator: the RNA counts above are the same with or without it
-        from data_modules.synthetic_modality import add_modalities
-
         x, var, modality_uns = add_modalities(x, var_names, cell_type, batch, n_cell_types, n_batches,
                                               n_proteins, n_peaks, seed)
     adata = ad.AnnData(X=x, obs=obs, var=var)

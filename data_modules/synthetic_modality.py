@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from data_modules.counts_sampler import sample_counts
 from data_modules.modality import ANTIBODY_CAPTURE, FEATURE_TYPE_COLUMN, GENE_EXPRESSION, PEAKS
 from scgpt.errors import ConfigError
 
@@ -44,8 +45,6 @@ def _group_props(base: np.ndarray, type_mult: np.ndarray, batch_mult: np.ndarray
 def _proteins(rng: np.random.Generator, groups: np.ndarray, n_types: int, n_batches: int,
               n_proteins: int) -> tuple[sp.csr_matrix, dict[str, list[int]]]:
     """ADT counts (C, P) and each type's marker proteins (indices)."""
-    from data_modules.synthetic import _sample_counts
-
     base = rng.lognormal(0.0, 0.5, size=n_proteins)  # (P,)
     n_markers = max(min(n_types, n_proteins), int(round(n_proteins * (1 - _UNINFORMATIVE_SHARE))))
     owner = rng.permutation(np.arange(n_markers) % n_types)  # (M,) each marker's cell type
@@ -58,7 +57,7 @@ def _proteins(rng: np.random.Generator, groups: np.ndarray, n_types: int, n_batc
     batch_mult = rng.lognormal(0.0, 0.2, size=(n_batches, n_proteins)) if n_batches > 1 else np.ones((1, n_proteins))
     shape = (1.0 / rng.uniform(0.3, 0.6, size=n_proteins)).astype(np.float32)
     lib = np.exp(np.log(1000.0) + rng.normal(0.0, 0.4, size=groups.size))
-    counts = _sample_counts(rng, _group_props(base, type_mult, batch_mult), shape, groups, lib)
+    counts = sample_counts(rng, _group_props(base, type_mult, batch_mult), shape, groups, lib)
     markers = {f"type_{t}": np.flatnonzero(type_mult[t] > 1.0).tolist() for t in range(n_types)}
     return counts, markers
 
@@ -66,8 +65,6 @@ def _proteins(rng: np.random.Generator, groups: np.ndarray, n_types: int, n_batc
 def _peaks(rng: np.random.Generator, groups: np.ndarray, n_types: int, n_batches: int,
            n_peaks: int) -> tuple[sp.csr_matrix, dict[str, list[int]]]:
     """ATAC counts (C, K) and each type's open peaks (indices)."""
-    from data_modules.synthetic import _sample_counts
-
     base = rng.lognormal(0.0, 1.0, size=n_peaks)  # (K,)
     size = max(1, n_peaks // (2 * n_types))
     order = rng.permutation(n_peaks)
@@ -80,7 +77,7 @@ def _peaks(rng: np.random.Generator, groups: np.ndarray, n_types: int, n_batches
     batch_mult = np.ones((n_batches, n_peaks))
     shape = np.ones(n_peaks, dtype=np.float32)  # dispersion 1
     lib = np.exp(np.log(0.12 * n_peaks) + rng.normal(0.0, 0.4, size=groups.size))
-    return _sample_counts(rng, _group_props(base, type_mult, batch_mult), shape, groups, lib), sets
+    return sample_counts(rng, _group_props(base, type_mult, batch_mult), shape, groups, lib), sets
 
 
 def add_modalities(x: sp.csr_matrix, var_names: np.ndarray, cell_type: np.ndarray, batch: np.ndarray,

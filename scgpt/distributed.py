@@ -209,9 +209,17 @@ def deepspeed_checkpoint_info(path: Path) -> dict[str, Any] | None:
     return {"stage": stage, "world_size": world, "global_step": int(client.get("global_step", 0))}
 
 
-def expected_world_size(cfg: DictConfig) -> int:
-    from scgpt.train import world_size  # the one definition of devices x nodes
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes the trainer config will start: devices per node x nodes."""
+    devices = trainer_cfg.get("devices", 1)
+    if devices in ("auto", -1, "-1"):
+        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    return max(1, int(devices)) * int(trainer_cfg.get("num_nodes", 1))
 
+
+def expected_world_size(cfg: DictConfig) -> int:
     return world_size(cfg.trainer)
 
 

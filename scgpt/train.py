@@ -24,23 +24,13 @@ from scgpt.export import fail
 from scgpt.io import write_json_atomic, write_text_atomic
 from scgpt.model.attention import build_attention_backend
 from scgpt.paths import config_dir
-from scgpt.distributed import build_strategy, check_resume, trainer_plugins
+from scgpt.distributed import build_strategy, check_resume, trainer_plugins, world_size
 from scgpt.preemption import PreemptionHandler, Preempted, newest_complete_checkpoint
 from scgpt.tasks.init import apply_init_from, prepare_init_from, task_model_settings
 from scgpt.tasks.callbacks import AtomicCheckpointIO, LastCheckpoint, ThroughputMonitor
 from scgpt.tracking import finish_run, scrub_secrets, tracking_callbacks
 
 log = logging.getLogger("scgpt")
-
-
-def world_size(trainer_cfg: DictConfig) -> int:
-    """Processes the trainer config will start: devices per node x nodes."""
-    devices = trainer_cfg.get("devices", 1)
-    if devices in ("auto", -1, "-1"):
-        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        devices = len(devices)
-    return max(1, int(devices)) * int(trainer_cfg.get("num_nodes", 1))
 
 
 def gradient_accumulation(cfg: DictConfig) -> int:
