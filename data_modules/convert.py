@@ -34,6 +34,7 @@ from data_modules.store_format import (
     anndata_writing,
 )
 from scgpt.errors import DataError
+from scgpt.io import progress_bar, replace_directory
 from scgpt.tokenizer.vocab import GeneVocab
 
 
@@ -142,14 +143,6 @@ def _combine_column(parts: list[pd.Series]) -> pd.Series | pd.Categorical:
         return pd.api.types.union_categoricals(cats, sort_categories=False)
     except TypeError:
         return pd.api.types.union_categoricals([pd.Categorical(np.asarray(p, dtype=str)) for p in parts])
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled)
 
 
 class _StoreWriter:
@@ -330,7 +323,7 @@ def _validate_and_write(sources: list[_Source], out: str | os.PathLike, *, vocab
     try:
         scratch = tmp / "_scratch"
         scratch.mkdir(parents=True)
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             writer.scatter(scratch, bar)
             n_cells = int(writer.kept.sum())
             if n_cells == 0:
@@ -359,22 +352,11 @@ def _validate_and_write(sources: list[_Source], out: str | os.PathLike, *, vocab
             ad.io.write_elem(group, "uns", uns)
             group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0", "scgpt_store": meta})
             zarr.consolidate_metadata(str(tmp / "store"))
-        _replace(tmp / "store", out)
+        replace_directory(tmp / "store", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return StoreReport(out, n_cells, meta["n_cells_dropped"], len(writer.genes), writer.n_genes_input,
                        writer.nnz, meta["fingerprint"], time.perf_counter() - start_time, meta["sources"])
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is removed only after the new store is complete."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(new, out)
-        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
-    else:
-        os.replace(new, out)
 
 
 def convert_to_store(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,

@@ -24,9 +24,10 @@ import torch
 
 from data_modules.store_format import anndata_writing
 from scgpt.checkpoints import build_model, read_checkpoint
-from scgpt.embed import (DEFAULT_MIN_OVERLAP, CellTokenizer, GeneMatch, RowSource, _device, _open_input, _progress,
+from scgpt.embed import (DEFAULT_MIN_OVERLAP, CellTokenizer, GeneMatch, RowSource, _device, _open_input,
                          check_paths, iter_cell_outputs, match_genes, output_copy, rows_of_anndata)
 from scgpt.errors import CheckpointError, ConfigError, DataError, ScgptError
+from scgpt.io import progress_counter
 
 
 @dataclass
@@ -133,7 +134,7 @@ def annotate_file(input_path: str | os.PathLike, model: str | os.PathLike, outpu
         match = match_genes(clf.tokenizer.vocab, rows.var_names, rows.var, gene_column, min_overlap, rows.name)
         print(match.report, file=sys.stderr)
         probs = np.empty((rows.n_obs, len(clf.classes)), dtype=np.float32)
-        with _progress(progress, rows.n_obs) as advance:
+        with progress_counter(progress, rows.n_obs) as advance:
             for start, block in iter_probabilities(clf, rows, match, batch_size, device, seed, advance=advance):
                 probs[start:start + len(block)] = block
         predicted = predictions_frame(probs, clf, obs.index)
@@ -173,7 +174,7 @@ def build_parser():
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``scgpt-annotate``."""
-    from scgpt.export import fail
+    from scgpt.io import fail
 
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:

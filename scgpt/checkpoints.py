@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -29,8 +28,9 @@ from scgpt.config import ModelConfig
 from scgpt.errors import CheckpointError, ConfigError, DataError
 from scgpt.model.scgpt import ScGPTModel
 from scgpt.tokenizer.vocab import CLS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, GeneVocab
+from scgpt.io import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)
 
 NATIVE_FORMAT, NATIVE_FORMAT_VERSION = "scgpt-native", 1
 NATIVE_FILES = ("model.safetensors", "config.json", "vocab.json")

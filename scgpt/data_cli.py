@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from scgpt.errors import ScgptError
+from scgpt.io import error_line
 
 PROG = "scgpt-data"
 
@@ -206,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _COMMANDS[args.command](args, created_by)
     except ScgptError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return e.exit_code
     return 0
 

@@ -12,7 +12,6 @@ that a checkpoint can resume under that strategy and world size.
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -25,8 +24,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from scgpt.errors import CheckpointError, ConfigError
+from scgpt.io import rank_zero_logger
 
-log = logging.getLogger("scgpt")
+log = rank_zero_logger()
 
 DEEPSPEED_INSTALL = "pip install --no-build-isolation 'scgpt[deepspeed]'"
 

@@ -15,12 +15,10 @@ var and the embedding (no X).
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +33,12 @@ from data_modules.collate import CellCollator, CollatorConfig
 from data_modules.modality import RNA, SPECIAL, feature_types_of, modality_codes
 from scgpt.checkpoints import load_pretrained, vocab_overlap_report
 from scgpt.errors import CheckpointError, ConfigError, DataError, ScgptError
+from scgpt.io import atomic_path, progress_counter, rank_zero_logger
 from scgpt.model.layout import TokenLayout
 from scgpt.seeding import make_generator
 from scgpt.tokenizer.vocab import SPECIAL_TOKENS, GeneVocab
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)
 
 OBSM_KEY = "X_scgpt"
 GENE_NAME_COLUMNS = ("gene_ids", "feature_name", "gene_symbols", "gene_name")  # tried after var_names
@@ -230,32 +229,6 @@ def _device(device: str) -> str:
     return device
 
 
-def _progress(enabled: bool, total: int):
-    from contextlib import nullcontext
-
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=Console(stderr=True), transient=False)
-    return _ProgressTask(progress, total)
-
-
-class _ProgressTask:
-    def __init__(self, progress, total: int) -> None:
-        self.progress, self.total = progress, total
-
-    def __enter__(self):
-        self.progress.__enter__()
-        task = self.progress.add_task("cells", total=self.total)
-        return lambda n: self.progress.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-
 def _prepare(model_dir, batch_size: int, device: str, vocab: str | None):
     if batch_size < 1:
         raise ConfigError(f"--batch-size: {batch_size} must be at least 1")
@@ -278,7 +251,7 @@ def embed(adata, model_dir: str | os.PathLike, batch_size: int = 64, device: str
         match = match_genes(tokenizer.vocab, rows.var_names, rows.var, gene_column, min_overlap, rows.name)
         log.info(match.report)
         out = np.empty((rows.n_obs, model.cfg.d_model), dtype=np.float32)
-        with _progress(progress, rows.n_obs) as advance:
+        with progress_counter(progress, rows.n_obs) as advance:
             for start, block in iter_embeddings(model, tokenizer, rows, match, batch_size, device, seed,
                                                 advance=advance):
                 out[start:start + len(block)] = block
@@ -346,14 +319,11 @@ def _write_umap(embedding: np.ndarray, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.scatter(coords[:, 0], coords[:, 1], s=2, linewidths=0)
     ax.set(xticks=[], yticks=[], title="scGPT cell embeddings (UMAP)")
-    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, png)
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png", dpi=150)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def check_paths(input_path: str | os.PathLike, output: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
@@ -377,18 +347,10 @@ def output_copy(src: Path, out: Path, rows: "RowSource"):
     to ``out`` only when the block ends without an error, else removed."""
     import h5py
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(out) as tmp:
         _output_skeleton(src, tmp, rows)
         with h5py.File(tmp, "r+") as f:
             yield f
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def embed_file(input_path: str | os.PathLike, model_dir: str | os.PathLike, output: str | os.PathLike,
@@ -412,7 +374,7 @@ def embed_file(input_path: str | os.PathLike, model_dir: str | os.PathLike, outp
             del obsm[OBSM_KEY]
         dataset = obsm.create_dataset(OBSM_KEY, shape=(rows.n_obs, model.cfg.d_model), dtype="float32")
         dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
-        with _progress(progress, rows.n_obs) as advance:
+        with progress_counter(progress, rows.n_obs) as advance:
             for start, block in iter_embeddings(model, tokenizer, rows, match, batch_size, device, seed,
                                                 advance=advance):
                 dataset[start:start + len(block)] = block
@@ -446,7 +408,7 @@ def build_parser():
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``scgpt-embed``."""
-    from scgpt.export import fail
+    from scgpt.io import fail
 
     args = build_parser().parse_args(argv)
     try:

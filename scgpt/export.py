@@ -23,7 +23,6 @@ import shlex
 import shutil
 import sys
 import tempfile
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -35,7 +34,7 @@ from scgpt.checkpoints import (CHECKSUM_FILE, NATIVE_FORMAT, NATIVE_FORMAT_VERSI
                                build_model, native_to_original_keys, read_checkpoint, sha256_file)
 from scgpt.config import ModelConfig
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
-from scgpt.io import write_json_atomic, write_text_atomic
+from scgpt.io import fail, replace_directory, write_json_atomic, write_text_atomic
 from scgpt.model.heads import ClassifierHead
 from scgpt.model.scgpt import ScGPTModel
 
@@ -57,11 +56,6 @@ def command_line(prog: str, argv: Sequence[str] | None) -> str:
     return shlex.join([prog, *(sys.argv[1:] if argv is None else argv)])
 
 
-def fail(exc: ScgptError) -> None:
-    print(f"error: {exc}", file=sys.stderr)
-    raise SystemExit(exc.exit_code)
-
-
 @contextmanager
 def staged_directory(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; on success rename it to ``target``."""
@@ -76,13 +70,7 @@ def staged_directory(target: Path, overwrite: bool) -> Iterator[Path]:
         os.chmod(staging, 0o755)
         for path in staging.iterdir():
             os.chmod(path, 0o644)
-        if target.exists():
-            retired = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -103,6 +91,7 @@ def original_format_refusals(cfg: ModelConfig) -> list[str]:
         (cfg.n_modalities > 0, f"model.n_modalities={cfg.n_modalities}: the original has no modality embedding"),
         (cfg.n_perturbation_flags > 0, f"model.n_perturbation_flags={cfg.n_perturbation_flags}: the original "
                                        "pretrained model has no perturbation embedding"),
+        (cfg.n_conditions > 0, f"model.n_conditions={cfg.n_conditions}: the original has no condition embedding"),
         (cfg.layer_norm_eps != 1e-5, f"model.layer_norm_eps={cfg.layer_norm_eps}: the original uses 1e-5"),
     ]
     return [message for refused, message in checks if refused]

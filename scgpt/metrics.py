@@ -9,13 +9,13 @@ NMI/ARI of k-means clusters against cell types.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scgpt.io import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)
 
 
 def _sklearn():

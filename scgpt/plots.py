@@ -7,13 +7,13 @@ nothing. Figures are written to a temporary name and renamed, like every other r
 from __future__ import annotations
 
 import csv
-import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
-log = logging.getLogger("scgpt")
+from scgpt.io import atomic_path, rank_zero_logger
+
+log = rank_zero_logger()
 
 
 def _pyplot():
@@ -29,10 +29,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     return path
 
 

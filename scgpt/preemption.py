@@ -12,7 +12,6 @@ resumed job ends with the weights of an uninterrupted one.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -22,8 +21,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from scgpt.io import rank_zero_logger
 
-log = logging.getLogger("scgpt")
+log = rank_zero_logger()
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 

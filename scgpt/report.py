@@ -18,6 +18,8 @@ from typing import Any, Sequence
 import yaml
 from hydra.experimental.callback import Callback
 
+from scgpt.io import error_line
+
 METRICS = [("val/masked_mse", "val masked_mse"), ("val/pearson", "val pearson"), ("val/loss", "val loss"),
            ("train_loss_last", "train loss"), ("global_step", "steps"), ("cells_per_s", "cells/s")]
 SETTINGS = [("task.name", "task"), ("model.d_model", "d_model"), ("model.n_layers", "layers"),
@@ -171,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         table = report(args.runs, sort=args.sort, descending=args.descending)
     except (ReportError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         sys.exit(2)
     if args.output:
         Path(args.output).write_text(table)

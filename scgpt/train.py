@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_modules.datamodule import DataProgress
 from scgpt.config import ModelConfig
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
-from scgpt.export import fail
+from scgpt.io import fail, rank_zero_logger
 from scgpt.io import write_json_atomic, write_text_atomic
 from scgpt.model.attention import build_attention_backend
 from scgpt.paths import config_dir
@@ -30,7 +29,7 @@ from scgpt.tasks.init import apply_init_from, prepare_init_from, task_model_sett
 from scgpt.tasks.callbacks import AtomicCheckpointIO, LastCheckpoint, ThroughputMonitor
 from scgpt.tracking import finish_run, scrub_secrets, tracking_callbacks
 
-log = logging.getLogger("scgpt")
+log = rank_zero_logger()
 
 
 def gradient_accumulation(cfg: DictConfig) -> int:

@@ -202,6 +202,12 @@ def test_training_shows_a_rich_progress_bar(tmp_path):
     assert not any(isinstance(c, RichProgressBar) for c in hidden)
 
 
-def test_cli_progress_wraps_an_iterable_and_reports_on_stderr(capsys):
-    assert list(tracking.progress(range(5), "converting", total=5)) == [0, 1, 2, 3, 4]
+def test_cli_progress_counter_reports_on_stderr_and_draws_nothing_when_disabled(capsys):
+    from scgpt.io import progress_counter
+
+    with progress_counter(True, 5, "converting") as advance:
+        advance(5)
     assert "converting" in capsys.readouterr().err
+    with progress_counter(False, 5, "converting") as advance:
+        assert advance is None
+    assert capsys.readouterr().err == ""

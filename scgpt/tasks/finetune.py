@@ -6,7 +6,6 @@ Metrics are computed on each rank's own validation cells (rank zero's are the on
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -18,8 +17,9 @@ import torch
 from data_modules.collate import CellBatch
 from scgpt.model.scgpt import ScGPTOutput
 from scgpt.tasks.pretrain import PretrainTask
+from scgpt.io import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)
 
 
 class FinetuneTask(PretrainTask):

@@ -24,7 +24,6 @@ known, as in BEELINE; it leaves out target-target pairs, which co-vary without a
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import torch
@@ -36,8 +35,9 @@ from scgpt.metrics import edge_recovery
 from scgpt.model.attention_maps import attention_maps
 from scgpt.tasks.finetune import FinetuneTask
 from scgpt.tasks.grn_knockout import KnockoutNetwork
+from scgpt.io import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)
 
 
 def planted_network(store_path, vocab) -> tuple[np.ndarray, set[tuple[int, int]]] | None:

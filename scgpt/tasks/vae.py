@@ -10,7 +10,6 @@ as high as the most genes a cell expresses, or sampled-out genes read as 0.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +25,9 @@ from scgpt.model.vae import VAE, VAEOutput, dense_expression, kl_divergence, rec
 from scgpt.tasks.annotation import transfer_accuracy
 from scgpt.tasks.base import TrainingTask
 from scgpt.tasks.finetune import embedding_report, log_collected_metrics
+from scgpt.io import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)
 
 OBJECTIVES = ("recon", "kl")
 

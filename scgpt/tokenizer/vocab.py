@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from scgpt.errors import DataError
+from scgpt.io import write_text_atomic
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<cls>", "<eoc>")
 PAD_TOKEN, CLS_TOKEN, EOC_TOKEN = SPECIAL_TOKENS
@@ -82,18 +82,8 @@ class GeneVocab:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``{token: id}`` sorted by id, atomically (temporary file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         ordered = dict(sorted(self._token_to_id.items(), key=lambda kv: kv[1]))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(ordered, f, indent=1, ensure_ascii=False)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(ordered, indent=1, ensure_ascii=False) + "\n")
 
     # lookup -----------------------------------------------------------------------------------
     def __len__(self) -> int:
