@@ -153,7 +153,7 @@ def annotate_file(input_path: str | os.PathLike, model: str | os.PathLike, outpu
 
 
 def build_parser():
-    from scgpt.export import OneLineArgumentParser
+    from scgpt.io import OneLineArgumentParser
 
     parser = OneLineArgumentParser(prog="scgpt-annotate", description="Predict cell labels with a finetuned "
                                    "annotation model (scgpt-train task=annotation).")

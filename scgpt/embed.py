@@ -387,7 +387,7 @@ def embed_file(input_path: str | os.PathLike, model_dir: str | os.PathLike, outp
 
 
 def build_parser():
-    from scgpt.export import OneLineArgumentParser
+    from scgpt.io import OneLineArgumentParser
 
     parser = OneLineArgumentParser(prog="scgpt-embed", description="Embed cells with a pretrained model.")
     parser.add_argument("input", help="an .h5ad file or a cell store directory (scgpt-data convert)")

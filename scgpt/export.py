@@ -34,22 +34,11 @@ from scgpt.checkpoints import (CHECKSUM_FILE, NATIVE_FORMAT, NATIVE_FORMAT_VERSI
                                build_model, native_to_original_keys, read_checkpoint, sha256_file)
 from scgpt.config import ModelConfig
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
-from scgpt.io import fail, replace_directory, write_json_atomic, write_text_atomic
+from scgpt.io import OneLineArgumentParser, fail, replace_directory, write_json_atomic, write_text_atomic
 from scgpt.model.heads import ClassifierHead
 from scgpt.model.scgpt import ScGPTModel
 
 FORMATS = ("native", "scgpt")
-
-
-# ------------------------------------------------------------------------------------------------
-# Command-line helpers shared with scgpt-embed
-# ------------------------------------------------------------------------------------------------
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one ``error: ...`` line and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def command_line(prog: str, argv: Sequence[str] | None) -> str:

@@ -3,6 +3,7 @@ directory, renamed when complete), one-line failures, progress bars on stderr, a
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -80,6 +81,14 @@ def fail(exc: ScgptError) -> None:
     """What every CLI does with a user's mistake: one line on stderr, the error's exit code (2), no traceback."""
     print(error_line(exc), file=sys.stderr)
     raise SystemExit(exc.exit_code)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one ``error: ...`` line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 # ---- progress bars -------------------------------------------------------------------------------
