@@ -5,6 +5,11 @@ Following the original scGPT: a cell's non-zero values are split at the edges
 1 .. n_bins - 1; zeros stay 0. When several edges are equal (ties), a value on them is placed
 uniformly at random among the bins they span, using the given generator.
 
+The edges are numpy's own arithmetic, step for step: float64 positions and weights, the difference of
+the two neighbouring (float32) values, and numpy's two-sided interpolation (``b - (b - a) * (1 - t)``
+from t = 0.5 on), so given the same random draws the bins equal the original's ``np.quantile`` +
+``np.digitize`` exactly (float32 edges moved 127 of 186,202 bins by one on real cells).
+
 Collation runs on CPU in data-loader workers, where numpy's row sort and searchsorted are an order
 of magnitude faster than torch's (measured: 3 ms vs 45 ms for 256 x 1,500 values).
 """
@@ -19,18 +24,20 @@ from torch import Tensor
 def _interpolate_edges(ordered: np.ndarray, last: np.ndarray, n_edges: int) -> np.ndarray:
     """numpy's linear quantiles at linspace(0, 1, n_edges) of rows sorted ascending, whose largest
     non-zero sits at index ``last`` (B, 1) -> (B, n_edges)."""
-    return _quantiles(lambda positions: np.take_along_axis(ordered, positions, 1), last, n_edges, ordered.dtype)
+    return _quantiles(lambda positions: np.take_along_axis(ordered, positions, 1), last, n_edges)
 
 
-def _quantiles(value_at, last: np.ndarray, n_edges: int, dtype) -> np.ndarray:
-    """Linear quantiles at linspace(0, 1, n_edges), given ``value_at(positions (B, E))``: the values at
-    those 0-based positions of each row's sorted non-zeros, of which the largest is at ``last`` (B, 1)."""
-    position = np.linspace(0, 1, n_edges) * last  # (B, E)
-    low = np.floor(position).astype(np.int64)
+def _quantiles(value_at, last: np.ndarray, n_edges: int) -> np.ndarray:
+    """Linear quantiles at linspace(0, 1, n_edges), given ``value_at(positions (B, E))``: the (float32)
+    values at those 0-based positions of each row's sorted non-zeros, of which the largest is at ``last``
+    (B, 1). float64 (B, E), computed as ``np.quantile`` computes them (its ``_lerp``)."""
+    position = np.linspace(0, 1, n_edges) * last  # (B, E) float64, numpy's (n - 1) * q
+    low = np.floor(position)
     high = np.minimum(low + 1, last)
-    frac = (position - low).astype(dtype)
-    a, b = value_at(low), value_at(high)
-    return np.where(frac > 0, a + (b - a) * frac, a)
+    weight = position - low  # float64
+    a, b = value_at(low.astype(np.int64)), value_at(high.astype(np.int64))
+    step = b - a  # in the values' dtype, as numpy
+    return np.where(weight >= 0.5, b - step * (1 - weight), a + step * weight)
 
 
 def _integer_edge_counts(values: np.ndarray, nonzero: np.ndarray, top: int, n_edges: int) -> np.ndarray:
@@ -53,7 +60,7 @@ def _integer_edge_counts(values: np.ndarray, nonzero: np.ndarray, top: int, n_ed
         found = np.searchsorted(flat, positions + (np.arange(rows) * (width + 1))[:, None], side="right")
         return (found - (np.arange(rows) * span)[:, None]).astype(np.float32)
 
-    edges = _quantiles(value_at, last, n_edges, np.float32)  # (B, E)
+    edges = _quantiles(value_at, last, n_edges)  # (B, E) float64; ceil and floor of them are exact
     base = (np.arange(rows) * span)[:, None]
     at_most = np.clip(np.ceil(edges), 0, span - 1).astype(np.int64) + base  # first v with edge <= v
     above = np.clip(np.floor(edges) + 1, 0, span - 1).astype(np.int64) + base  # first v with edge < v
@@ -71,20 +78,32 @@ def _edge_counts(ordered: np.ndarray, edges: np.ndarray) -> np.ndarray:
     in one flat array); an edge found at position p counts for every value from p on, so a histogram of
     the positions, summed along the row, gives the counts. Both sides share one pass: the "<" count
     sits in the low 16 bits, the "<=" count above it (E < 2**15).
+
+    The float64 edges are compared with the float32 values exactly: a value v is >= an edge e iff
+    v >= the smallest float32 >= e, and > e iff v > the largest float32 <= e; both sides are float32,
+    so the row offsets move them alike.
     """
     rows, width = ordered.shape
-    span = 2.0 * max(float(np.abs(ordered).max(initial=0)), float(np.abs(edges).max(initial=0))) + 1.0
+    up, down = _float32_around(edges)  # (B, E) each
+    span = 2.0 * max(float(np.abs(ordered).max(initial=0)), float(np.abs(up).max(initial=0))) + 1.0
     offset = np.arange(rows, dtype=np.float64)[:, None] * span  # keeps rows apart in one array
     flat = (ordered + offset).ravel()
-    queries = (edges + offset).ravel()
     base = (np.arange(rows) * (width + 1))[:, None]
-    at_or_above = np.searchsorted(flat, queries, side="left").reshape(edges.shape)  # first value >= edge
-    above = np.searchsorted(flat, queries, side="right").reshape(edges.shape)  # first value > edge
+    at_or_above = np.searchsorted(flat, (up + offset).ravel(), side="left").reshape(edges.shape)  # first v >= e
+    above = np.searchsorted(flat, (down + offset).ravel(), side="right").reshape(edges.shape)  # first v > e
     shift = np.arange(rows)[:, None] * width - base  # flat position -> position in the (width + 1) rows
     size = rows * (width + 1)
     hist = np.bincount((at_or_above - shift).ravel(), minlength=size) << 16
     hist += np.bincount((above - shift).ravel(), minlength=size)
     return hist.reshape(rows, width + 1)[:, :width].cumsum(axis=1, dtype=np.int32)
+
+
+def _float32_around(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(smallest float32 >= edge, largest float32 <= edge) of float64 edges."""
+    nearest = edges.astype(np.float32)
+    up = np.where(nearest < edges, np.nextafter(nearest, np.float32(np.inf)), nearest)
+    down = np.where(nearest > edges, np.nextafter(nearest, np.float32(-np.inf)), nearest)
+    return up, down
 
 
 def bin_rows(x: np.ndarray, valid: np.ndarray, n_bins: int, uniform: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from scgpt.seeding import make_generator
-from scgpt.tokenizer.binning import bin_expression
+from scgpt.tokenizer.binning import bin_expression, bin_rows
 
 
 def _bin_rows(rows, n_bins, seed=0):
@@ -66,3 +66,27 @@ def test_matches_the_original_algorithm_on_random_rows():
     ours = bin_expression(torch.from_numpy(rows), torch.ones(rows.shape, dtype=torch.bool), 51, generator).numpy()
     expected = np.stack([_original_digitize(r, 51, u) for r, u in zip(rows, uniform)])
     np.testing.assert_array_equal(ours, expected)
+
+
+def _original_bins(rows: np.ndarray, n_bins: int, uniform: np.ndarray) -> np.ndarray:
+    return np.stack([_original_digitize(r, n_bins, u) for r, u in zip(rows, uniform)])
+
+
+def test_edges_are_numpys_float64_quantiles_on_a_small_tied_row():
+    # the 36th of the 50 edges of these 8 counts is 2.999999999999999 in float64 (numpy) but 3.0 in
+    # float32, which moved both 3s from bin 40 to bin 39
+    row = np.array([[2, 1, 1, 3, 2, 3, 4, 1]], dtype=np.float32)
+    uniform = np.full(row.shape, 0.5, dtype=np.float32)
+    ours = bin_rows(row, np.ones(row.shape, dtype=bool), 51, uniform)
+    np.testing.assert_array_equal(ours, _original_bins(row, 51, uniform))
+    assert ours[0, 3] == ours[0, 5] == 40
+
+
+def test_equals_numpys_quantile_and_digitize_on_tied_integer_and_log_counts():
+    rng = np.random.default_rng(0)
+    for log in (False, True):  # integer counts (counting path) and log1p values (sorting path)
+        rows = rng.poisson(rng.gamma(0.3, 3.0, size=(128, 700))).astype(np.float32)  # many ties
+        rows = np.log1p(rows).astype(np.float32) if log else rows
+        uniform = rng.random(rows.shape, dtype=np.float32)
+        ours = bin_rows(rows, np.ones(rows.shape, dtype=bool), 51, uniform)
+        np.testing.assert_array_equal(ours, _original_bins(rows, 51, uniform), err_msg=f"log1p={log}")
