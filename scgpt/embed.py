@@ -90,8 +90,16 @@ class RowSource:
     name: str
 
 
-def rows_of_anndata(adata, name: str = "adata") -> RowSource:
-    return RowSource(adata.n_obs, [str(g) for g in adata.var_names], adata.var, lambda a, b: adata.X[a:b], name)
+def rows_of_anndata(adata, name: str = "adata", layer: str | None = None) -> RowSource:
+    """Rows of ``adata.X``, or of ``adata.layers[layer]`` (counts kept in a layer)."""
+    if layer is None:
+        return RowSource(adata.n_obs, [str(g) for g in adata.var_names], adata.var, lambda a, b: adata.X[a:b], name)
+    if layer not in adata.layers:
+        raise DataError(f"{name}: no layer {layer!r}; available: {', '.join(map(str, adata.layers)) or 'none'} "
+                        "(or layer=None to read X)")
+    matrix = adata.layers[layer]
+    return RowSource(adata.n_obs, [str(g) for g in adata.var_names], adata.var, lambda a, b: matrix[a:b],
+                     f"{name} layer {layer!r}")
 
 
 def rows_of_store(path: Path) -> RowSource:
@@ -133,9 +141,22 @@ def match_genes(vocab: GeneVocab, var_names: Sequence[str], var, gene_column: st
     if not names or n_known / len(names) < min_overlap:
         raise DataError(f"{report}; that is below the minimum overlap {min_overlap:.0%}: pass --gene-column with "
                         "the var column holding gene symbols, or a model whose vocabulary fits these genes")
-    _, first = np.unique(ids, return_index=True)  # one column per vocabulary id, the first
-    columns = np.sort(first[ids[first] >= 0])
+    _refuse_duplicate_genes(ids, names, source, name)
+    columns = np.flatnonzero(ids >= 0)
     return GeneMatch(columns, ids[columns], source, report)
+
+
+def _refuse_duplicate_genes(ids: np.ndarray, names: Sequence[str], source: str, name: str) -> None:
+    """Two input columns naming the same vocabulary gene: one line, never a silent choice between them
+    (the converter refuses them too; genes outside the vocabulary are ignored anyway)."""
+    genes, columns = np.unique(ids[ids >= 0], return_counts=True)
+    repeated = genes[columns > 1]
+    if repeated.size:
+        examples = sorted({names[i] for i in np.flatnonzero(np.isin(ids, repeated))})[:5]
+        column = "adata.var_names" if source == "var_names" else f"adata.var[{source!r}]"
+        raise DataError(f"{name}: {repeated.size} genes of the vocabulary name more than one column of {source} "
+                        f"(e.g. {', '.join(examples)}); sum the duplicate columns or keep one of each, e.g. "
+                        f"adata = adata[:, ~{column}.duplicated()]")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,33 +250,51 @@ def _device(device: str) -> str:
     return device
 
 
-def _prepare(model_dir, batch_size: int, device: str, vocab: str | None):
+def _prepare(model, batch_size: int, device: str | None, vocab: str | None):
+    """(model on its device, tokenizer, device) from a path to load or a loaded ``(model, tokenizer)``."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size: {batch_size} must be at least 1")
-    device = _device(device)
-    model, tokenizer = load(model_dir, vocab)
-    return model.to(device).eval(), tokenizer, device
+    if isinstance(model, (str, os.PathLike)):
+        model, tokenizer = load(model, vocab)
+        device = _device(device or "cpu")
+        return model.to(device).eval(), tokenizer, device
+    if not (isinstance(model, tuple) and len(model) == 2 and isinstance(model[1], CellTokenizer)):
+        raise ConfigError(f"model: got {type(model).__name__}; pass a model path or the (model, tokenizer) "
+                          "pair scgpt.load returns")
+    model, tokenizer = model
+    if vocab is not None:
+        raise ConfigError("vocab: only for a model path; a loaded model already has its vocabulary")
+    device = _device(device) if device else str(next(model.parameters()).device)
+    return model.to(device), tokenizer, device
 
 
-def embed(adata, model_dir: str | os.PathLike, batch_size: int = 64, device: str = "cpu",
+def embed(adata, model, batch_size: int = 64, device: str | None = None,
           gene_column: str | None = None, min_overlap: float = DEFAULT_MIN_OVERLAP, seed: int = 0,
-          progress: bool = False, vocab: str | None = None) -> np.ndarray:
+          progress: bool = False, vocab: str | None = None, layer: str | None = None) -> np.ndarray:
     """Cell embeddings (n_obs, d_model), L2-normalised float32, of an AnnData (in memory or backed) or an
-    ``.h5ad`` path (opened backed), with the model in ``model_dir`` (any source :func:`load` reads)."""
-    model, tokenizer, device = _prepare(model_dir, batch_size, device, vocab)
+    ``.h5ad`` path (opened backed).
+
+    ``model``: a directory or file :func:`load` reads (loaded on each call), or what :func:`scgpt.load`
+    returned, ``(model, tokenizer)``, to embed many datasets with one load; a loaded model runs on its own
+    device unless ``device`` says otherwise, and is left in the train/eval mode it came in.
+    ``layer``: read the counts from ``adata.layers[layer]`` instead of ``adata.X``."""
+    model, tokenizer, device = _prepare(model, batch_size, device, vocab)
     opened = isinstance(adata, (str, os.PathLike))
     if opened:
         adata = _read_h5ad_backed(Path(adata))
+    training = model.training
     try:
-        rows = rows_of_anndata(adata, str(adata.filename) if adata.isbacked else "adata")
+        rows = rows_of_anndata(adata, str(adata.filename) if adata.isbacked else "adata", layer)
         match = match_genes(tokenizer.vocab, rows.var_names, rows.var, gene_column, min_overlap, rows.name)
         log.info(match.report)
         out = np.empty((rows.n_obs, model.cfg.d_model), dtype=np.float32)
+        model.eval()
         with progress_counter(progress, rows.n_obs) as advance:
             for start, block in iter_embeddings(model, tokenizer, rows, match, batch_size, device, seed,
                                                 advance=advance):
                 out[start:start + len(block)] = block
     finally:
+        model.train(training)
         if opened:
             adata.file.close()
     return out

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from scgpt.embed import embed, load, main
-from scgpt.errors import DataError
+from scgpt.errors import ConfigError, DataError
 from scgpt.export import export
 from scgpt.tokenizer.vocab import GeneVocab
 
@@ -140,8 +140,8 @@ def test_cli_streams_in_chunks_with_the_same_result(model_dir, h5ad, tmp_path, m
     reads = []
     original = embed_module.rows_of_anndata
 
-    def recording(adata, name="adata"):
-        rows = original(adata, name)
+    def recording(adata, name="adata", layer=None):
+        rows = original(adata, name, layer)
         read = rows.read
         rows.read = lambda a, b: reads.append((a, b)) or read(a, b)
         return rows
@@ -260,3 +260,48 @@ def test_models_with_a_modality_embedding_get_modality_ids_from_feature_type(tmp
     got = embed(adata, model_dir)
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)  # token order differs: float sums do too
     assert not np.allclose(got, without.numpy(), atol=1e-2)
+
+
+def test_a_loaded_model_is_embedded_without_reloading(model_dir, monkeypatch):
+    import scgpt.embed as embed_module
+
+    adata = make_adata()
+    reference = embed(adata, model_dir, batch_size=8)
+    loaded = load(model_dir)
+    loaded[0].train()  # left as it came in, but embedded in eval mode (dropout off)
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("a loaded model was loaded again")
+
+    monkeypatch.setattr(embed_module, "load", no_reload)
+    for _ in range(2):
+        assert np.array_equal(embed(adata, loaded, batch_size=8), reference)
+    assert loaded[0].training
+    with pytest.raises(ConfigError, match="the \\(model, tokenizer\\) pair scgpt.load returns"):
+        embed(adata, loaded[0])
+
+
+def test_counts_in_a_layer(model_dir):
+    adata = make_adata()
+    reference = embed(adata, model_dir, batch_size=8)
+    layered = adata.copy()
+    layered.layers["counts"] = adata.X.copy()
+    layered.X = sp.csr_matrix(np.log1p(adata.X.toarray()) * 0 + 1.0)  # X holds something else
+    assert np.array_equal(embed(layered, model_dir, batch_size=8, layer="counts"), reference)
+    assert not np.array_equal(embed(layered, model_dir, batch_size=8), reference)
+    with pytest.raises(DataError, match="no layer 'raw'; available: counts"):
+        embed(layered, model_dir, layer="raw")
+
+
+def test_duplicate_gene_symbols_are_refused_with_one_line_whose_fix_works(model_dir):
+    adata = make_adata()
+    names = list(GENES)
+    names[5] = names[4] = "GENE4"  # two columns for one vocabulary gene
+    names[7] = names[8] = "NOTAGENE"  # duplicates outside the vocabulary are ignored anyway
+    adata.var_names = names
+    with pytest.raises(DataError, match=r"1 genes of the vocabulary name more than one column of var_names "
+                                        r"\(e.g. GENE4\).*adata\[:, ~adata.var_names.duplicated\(\)\]") as caught:
+        embed(adata, model_dir)
+    assert "\n" not in str(caught.value)
+    adata = adata[:, ~adata.var_names.duplicated()]  # the fix the message gives
+    assert embed(adata, model_dir).shape == (adata.n_obs, 32)
