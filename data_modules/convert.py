@@ -51,6 +51,7 @@ class StoreReport:
     fingerprint: str
     seconds: float
     sources: list[str] = field(default_factory=list)
+    n_values_rounded: int = 0  # float counts with rounding noise (0.999999999999999) made integers
 
 
 class _ShardWriter:
@@ -83,20 +84,36 @@ class _ShardWriter:
         self.pending, self.n_pending = [buf[n:]], buf.size - n
 
 
-def _check_values(source: _Source, data: np.ndarray, row_of: np.ndarray, first_row: int) -> None:
-    if np.issubdtype(data.dtype, np.integer):
-        bad = data < 0
-    else:
+ROUNDING_TOLERANCE = 1e-6  # relative: a value this close to an integer is that integer with float noise
+
+
+def _check_values(source: _Source, data: np.ndarray, row_of: np.ndarray, first_row: int) -> int:
+    """Refuse counts that are not non-negative integers, naming the first offender at full precision; round
+    in place values within ROUNDING_TOLERANCE of an integer (0.999999999999999 from a CSV written by R or
+    pandas) and return how many were rounded."""
+    rounded = 0
+    if not np.issubdtype(data.dtype, np.integer):
         nonfinite = ~np.isfinite(data)
         if nonfinite.any():
             row = first_row + int(row_of[np.argmax(nonfinite)])
             raise DataError(f"{source.path}: counts contain NaN or infinite values (row {row}); "
                             "remove or fix those cells before converting")
-        bad = (data < 0) | (data != np.round(data))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise DataError(f"{source.path}: found {data[i]:g} in row {first_row + int(row_of[i])}, but raw counts "
+        nearest = np.round(data)
+        off = data != nearest
+        noise = off & (np.abs(data - nearest) <= ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(nearest)))
+        if (off & ~noise).any():
+            i = int(np.argmax(off & ~noise))
+            raise DataError(f"{source.path}: found {np.format_float_positional(data[i], trim='-')} in row "
+                            f"{first_row + int(row_of[i])}, but raw counts must be non-negative integers "
+                            f"(is it log-normalised?); {source.fix_hint}")
+        rounded = int(noise.sum())
+        data[noise] = nearest[noise]
+    negative = data < 0
+    if negative.any():
+        i = int(np.argmax(negative))
+        raise DataError(f"{source.path}: found {data[i]} in row {first_row + int(row_of[i])}, but raw counts "
                         f"must be non-negative integers (is it log-normalised?); {source.fix_hint}")
+    return rounded
 
 
 def _check_genes(source: _Source) -> None:
@@ -170,6 +187,7 @@ class _StoreWriter:
         self.pos_of[self.perm] = np.arange(self.n_in)
         self.kept = np.zeros(self.n_in, bool)
         self.nnz = 0
+        self.n_rounded = 0  # float counts within ROUNDING_TOLERANCE of an integer
 
     # pass 1: validate, map genes, scatter rows into buckets of output positions ----------------
     def scatter(self, scratch: Path, progress) -> None:
@@ -181,7 +199,7 @@ class _StoreWriter:
                 block = sp.csr_matrix(block)
                 block.sum_duplicates()
                 row_of = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-                _check_values(source, block.data, row_of, local)
+                self.n_rounded += _check_values(source, block.data, row_of, local)
                 col = colmap[block.indices]
                 keep = (col >= 0) & (block.data != 0)
                 counts = sp.csr_matrix((block.data[keep].astype(np.float32), (row_of[keep], col[keep])),
@@ -356,7 +374,8 @@ def _validate_and_write(sources: list[_Source], out: str | os.PathLike, *, vocab
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return StoreReport(out, n_cells, meta["n_cells_dropped"], len(writer.genes), writer.n_genes_input,
-                       writer.nnz, meta["fingerprint"], time.perf_counter() - start_time, meta["sources"])
+                       writer.nnz, meta["fingerprint"], time.perf_counter() - start_time, meta["sources"],
+                       writer.n_rounded)
 
 
 def convert_to_store(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,

@@ -274,6 +274,9 @@ def _open_source(path: str | os.PathLike, layer: str | None, gene_column: str | 
     name = p.name.lower()
     if not p.exists():
         raise DataError(f"{p}: input not found; pass an existing .h5ad, 10x .h5, mtx directory or .csv/.tsv")
+    if p.is_dir() and (p / "zarr.json").is_file():
+        raise DataError(f"{p}: is a cell store (zarr), already converted; train on it as it is with data=zarr "
+                        f"'data.paths=[{p}]' (scgpt-embed reads it too), or convert the original .h5ad/.h5/mtx/.csv")
     if p.is_dir():
         return _MtxSource(p, gene_column)
     if layer is not None and not name.endswith(".h5ad"):

@@ -85,6 +85,11 @@ def _print_report(report) -> None:
     print(f"  cells dropped : {report.n_cells_dropped} (no counts in vocabulary genes)")
     print(f"  genes matched : {report.n_genes} of {report.n_genes_input}")
     print(f"  nonzeros      : {report.nnz}")
+    if report.n_values_rounded:
+        from data_modules.convert import ROUNDING_TOLERANCE
+
+        print(f"  rounded       : {report.n_values_rounded} float counts within {ROUNDING_TOLERANCE:g} (relative) "
+              "of an integer, taken as that integer")
     print(f"  fingerprint   : {report.fingerprint}")
     print(f"  seconds       : {report.seconds:.1f}")
 
