@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import netrc
 import os
@@ -16,7 +15,9 @@ from typing import Any
 import lightning as L
 from hydra.experimental.callback import Callback as HydraCallback
 
-log = logging.getLogger("scgpt")
+from scgpt.io import rank_zero_logger
+
+log = rank_zero_logger()
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
 # key=value pairs with a secret-looking key, as in Hydra overrides ("+logger.api_key=...", "a=1,b.token=x")
@@ -206,22 +207,47 @@ class MetricHistory(L.Callback):
             self._record(trainer, self.VAL)
 
 
+class FinalValidation(L.Callback):
+    """Validates at the last training step when the last periodic validation was earlier (``max_steps``
+    below or not a multiple of ``val_check_interval``, or the final epoch's last batch), so that every run
+    ends with validation metrics in its summary (what a sweep optimises). It asks Lightning to stop at that
+    step, as early stopping does, and Lightning validates before stopping."""
+
+    def __init__(self) -> None:
+        self._validated_step = -1
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._validated_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._validated_step != trainer.global_step and self._last_step(trainer):
+            trainer.should_stop = True
+
+    @staticmethod
+    def _last_step(trainer) -> bool:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return True
+        final_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs > 0
+        return final_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+
 def progress_bar(trainer_cfg) -> list[L.Callback]:
     """A rich progress bar when the trainer shows one (Lightning's default would be tqdm)."""
     if not trainer_cfg.get("enable_progress_bar", True):
         return []
     try:
-        from lightning.pytorch.callbacks import RichProgressBar
+        from scgpt.console import StepProgressBar
 
-        return [RichProgressBar(leave=True)]
+        return [StepProgressBar(leave=True)]  # step/max_steps, loss, cells/s
     except (ImportError, ModuleNotFoundError):  # pragma: no cover - rich is a dependency
         return []
 
 
 def tracking_callbacks(cfg, logger) -> list[L.Callback]:
-    """Callbacks that train() adds for tracking: loss history always; gradient norm with a logger;
-    the rich progress bar when the trainer shows progress."""
-    callbacks: list[L.Callback] = [MetricHistory()]
+    """Callbacks that train() adds for tracking: loss history and a validation at the last step always;
+    gradient norm with a logger; the rich progress bar when the trainer shows progress."""
+    callbacks: list[L.Callback] = [MetricHistory(), FinalValidation()]
     if logger:
         callbacks.append(GradNormMonitor())
     return callbacks + progress_bar(cfg.trainer)
@@ -261,18 +287,3 @@ def _finish_wandb(logger, summary: dict[str, Any], pngs: list[Path]) -> None:
     if pngs:
         run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in pngs})
     run.finish()
-
-
-# ---- progress for long CLI work ---------------------------------------------------------------
-def progress(iterable, description: str, total: int | None = None, disable: bool = False):
-    """Iterate with a rich progress bar on stderr (elapsed, remaining, rate), e.g. over the chunks
-    ``scgpt-data convert`` writes or the batches ``scgpt-embed`` runs. Without a terminal rich prints
-    only the finished bar, so logs stay short."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=Console(stderr=True), disable=disable) as bar:
-        yield from bar.track(iterable, total=total, description=description)

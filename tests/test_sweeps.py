@@ -153,3 +153,24 @@ def test_wandb_agent_command_line_is_accepted_by_scgpt_train(spec_path, tmp_path
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert (run_dir / ".hydra" / "overrides.yaml") in files
     assert not [str(p) for p in files if secret.encode() in p.read_bytes()], "an API key was saved"
+
+
+@pytest.mark.parametrize("steps, interval", [(6, 100), (7, 3)])
+def test_every_run_ends_with_a_validation_at_its_last_step(tmp_path, steps, interval):
+    """max_steps below val_check_interval (no periodic validation at all) or not a multiple of it: the run
+    still validates at its last step, so the summary has the metric a sweep optimises."""
+    import csv
+
+    from scgpt.train import optimized_metric, train
+
+    from conftest import compose_config
+
+    cfg = compose_config(tmp_path, *FAST, f"trainer.max_steps={steps}", f"trainer.val_check_interval={interval}",
+                         "optimized_metric=val/masked_mse")
+    summary = train(cfg)
+    assert summary["global_step"] == steps
+    assert optimized_metric(cfg, summary) == summary["val"]["masked_mse"]
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        val_steps = [int(row["step"]) + 1 for row in csv.DictReader(f) if row.get("val/masked_mse")]  # 0-based
+    periodic = list(range(interval, steps + 1, interval))
+    assert val_steps == (periodic if steps in periodic else [*periodic, steps])  # once at the end, not twice

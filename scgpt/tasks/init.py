@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Settings a task may choose; every other model setting is the architecture and comes from the checkpoint.
 TASK_KEYS = ("n_cls_classes", "n_batch_labels", "batch_discriminator", "n_modalities", "n_perturbation_flags",
-             "dsbn", "dropout", "attention_backend", "max_seq_len", "n_layers_cls")
+             "n_conditions", "dsbn", "dropout", "attention_backend", "max_seq_len", "n_layers_cls")
 # Settings only task.model_heads may change (never copied from the model group): the pooling has no weights.
 HEAD_ONLY_KEYS = ("cell_emb_style",)
 # Weights under these prefixes exist only with the head (or have a head-dependent shape).
@@ -39,6 +39,7 @@ HEAD_PREFIXES = {
     "dsbn": ("dsbn.",),
     "n_modalities": ("embedding.modality_encoder.",),
     "n_perturbation_flags": ("embedding.pert_encoder.",),
+    "n_conditions": ("condition_encoder.",),
 }
 AUTO_LABELS = {"n_cls_classes": "label_key", "n_batch_labels": "batch_key"}
 
@@ -85,6 +86,8 @@ def task_model_settings(cfg: DictConfig, datamodule, settings: dict[str, Any],
         from scgpt.tasks.multiomic import modality_embedding_size
 
         heads["n_modalities"] = modality_embedding_size(datamodule)
+    if heads.get("n_conditions") == "auto":  # task=perturbation with condition_input=label: its conditions
+        heads["n_conditions"] = int(getattr(datamodule, "n_conditions", 0))
     if init is not None:
         ckpt = init.config.to_dict()
         changed = {k: (settings[k], ckpt[k]) for k in ckpt if k not in TASK_KEYS and k in settings
