@@ -5,7 +5,13 @@ this module reads every cell of the stores into memory once and serves a map-sty
 instead of the streaming path of :mod:`data_modules.datamodule`.
 
 - **Genes**: one fixed panel for every cell (as in GEARS): the ``max_seq_len - 1`` genes with the highest
-  mean expression, always including the perturbed genes. Every cell is ``<cls>`` + the panel.
+  mean expression over the cells that are not *unseen*, always including the perturbed genes. Every cell
+  is ``<cls>`` + the panel.
+- **Condition input** (``condition_input``): ``genes`` (GEARS): the conditions are perturbed genes
+  ('A+B' for combinations), flagged on their tokens (``model.n_perturbation_flags``); ``label``: the
+  conditions are any values (a stimulation, a drug: Kang's CTRL / STIM), given to the model as a learned
+  per-cell embedding (``model.n_conditions``; batches carry the target's code as ``labels['condition']``),
+  and changes are measured per (condition, group) *unit* instead of per condition.
 - **Values**: log1p of counts normalised to 10,000 per cell (over all genes of the store), as GEARS and
   scGPT's perturbation finetuning use; inputs and targets alike. Not binned: per-cell quantile bins
   would hide the change in level that the task predicts.
@@ -13,7 +19,10 @@ instead of the streaming path of :mod:`data_modules.datamodule`.
   response); the input is a random control cell of the same group (``pair_keys``, default the cell
   type), re-drawn each epoch from ``(seed, epoch, target row)``. Evaluation pairs are drawn once.
 - **Splits**: perturbations named in ``heldout_perturbations`` (else a seeded ``heldout_fraction`` of
-  them) are *unseen*: none of their cells is trained on. Of every other perturbation a seeded
+  them) are *unseen*: none of their cells is trained on. With ``condition_input=label`` the unseen cells
+  are instead those of every non-control condition in the groups named in ``heldout_groups`` (the held-out
+  cell type benchmark of scGen / CPA: a type's STIM cells are predicted from its CTRL cells, which are
+  trained on as identity targets). Of every other perturbation (unit) a seeded
   ``heldout_cell_fraction`` of the cells is held out (*seen*). Both are in the validation loader; every
   control cell is a training target and an input for any pair.
 - **Reference**: each cell's control reference is the mean control expression of its group, so expression
@@ -27,7 +36,6 @@ drawn.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -40,10 +48,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data_modules.collate import CellBatch
 from scgpt.errors import ConfigError, DataError
+from scgpt.io import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)
 
 SPLITS = ("train", "seen", "unseen")  # split codes 0, 1, 2 of target cells
+CONDITION_INPUTS = ("genes", "label")  # how the model is told the target's condition (module docstring)
 
 
 @dataclass
@@ -67,12 +77,14 @@ class PerturbationData:
     group: np.ndarray  # (N,) pairing group code
     split: np.ndarray  # (N,) 0 train, 1 seen held-out cells, 2 unseen perturbations; controls 0
     labels: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) codes passed to the model (batch)
+    condition_input: str = "genes"  # genes: flags on perturbed genes; label: a condition embedding, per-group units
+    group_names: list[str] = field(default_factory=list)
     reference: np.ndarray = field(init=False)  # (n_groups, G) mean control expression per group
     controls_of_group: list[np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
         controls = np.flatnonzero(self.condition == 0)
-        n_groups = int(self.group.max(initial=0)) + 1
+        self.n_groups = n_groups = int(self.group.max(initial=0)) + 1
         self.controls_of_group = [controls[self.group[controls] == g] for g in range(n_groups)]
         for g, rows in enumerate(self.controls_of_group):
             if rows.size == 0:
@@ -90,11 +102,28 @@ class PerturbationData:
         """(n, G) expression minus each cell's group control reference (``values`` default: the truth)."""
         return (self.expr[rows] if values is None else values) - self.reference[self.group[rows]]
 
+    @property
+    def by_group(self) -> bool:
+        """Changes are measured per (condition, group) unit (``condition_input=label``), else per condition."""
+        return self.condition_input == "label"
+
+    def unit(self, rows: np.ndarray) -> np.ndarray:
+        """(n,) the unit code of each row: its condition, or condition * n_groups + group when ``by_group``."""
+        return self.condition[rows] * self.n_groups + self.group[rows] if self.by_group else self.condition[rows]
+
+    def unit_condition(self, unit: int) -> int:
+        return int(unit) // self.n_groups if self.by_group else int(unit)
+
+    def unit_name(self, unit: int) -> str:
+        name = self.conditions[self.unit_condition(unit)]
+        return f"{name} | {self.group_names[int(unit) % self.n_groups]}" if self.by_group else name
+
     def training_shift(self) -> dict[int, np.ndarray]:
-        """Mean change versus control of each perturbation's training cells: the mean-shift baseline."""
+        """Mean change versus control of each unit's training cells (perturbed only): the mean-shift baseline."""
         rows = self.rows("train")
         rows = rows[self.condition[rows] > 0]
-        return {int(c): self.delta(rows[self.condition[rows] == c]).mean(0) for c in np.unique(self.condition[rows])}
+        units = self.unit(rows)
+        return {int(u): self.delta(rows[units == u]).mean(0) for u in np.unique(units)}
 
     def partner(self, target: int, seed: Sequence[int]) -> int:
         """A random control of the target's group (not the target itself), from ``seed``."""
@@ -167,13 +196,25 @@ def build_perturbation_data(sources, vocab, *, max_genes: int, perturbation_key:
                             control_value: str = "control", pair_keys: Sequence[str] = ("cell_type",),
                             batch_key: str | None = None, heldout_perturbations: Sequence[str] | None = None,
                             heldout_fraction: float = 0.25, heldout_cell_fraction: float = 0.2,
-                            seed: int = 0) -> PerturbationData:
+                            seed: int = 0, condition_input: str = "genes",
+                            heldout_groups: Sequence[str] | None = None) -> PerturbationData:
+    if condition_input not in CONDITION_INPUTS:
+        raise ConfigError(f"task.data_module.condition_input: {condition_input!r}; choose one of "
+                          f"{', '.join(CONDITION_INPUTS)}")
     x, obs = read_cells(sources, vocab, obs_keys(perturbation_key, pair_keys, batch_key))
     label = obs["perturbation_key"]
     if not (label == control_value).any():
         raise DataError(f"{sources[0].path}: no cell has {perturbation_key}={control_value!r}; set "
                         "task.data_module.control_value to the value that marks control cells")
     names = sorted(set(label) - {control_value, ""})
+    if condition_input == "label":
+        return _label_conditions(x, obs, label, names, where=f"{sources[0].path}: obs {perturbation_key!r}",
+                                 max_genes=max_genes, control_value=control_value,
+                                 pair_keys=pair_keys, heldout_groups=heldout_groups,
+                                 heldout_cell_fraction=heldout_cell_fraction, seed=seed, vocab=vocab)
+    if heldout_groups:
+        raise ConfigError("task.data_module.heldout_groups: needs condition_input=label (with gene perturbations, "
+                          "hold out perturbations with heldout_perturbations)")
     genes_of = {n: n.split("+") for n in names}  # GEARS style 'A+B' for combinations
     usable = [n for n in names if all(g in vocab for g in genes_of[n])]
     if len(usable) < len(names):
@@ -189,38 +230,82 @@ def build_perturbation_data(sources, vocab, *, max_genes: int, perturbation_key:
     x, condition = x[keep], condition[keep]
     obs = {k: v[keep] for k, v in obs.items()}
 
-    perturbed_ids = np.array(sorted({int(vocab[g]) for n in usable for g in genes_of[n]}))
+    perturbed_ids = np.array(sorted({int(vocab[g]) for n in usable for g in genes_of[n]}), dtype=np.int64)
     if perturbed_ids.size > max_genes:
         raise ConfigError(f"model.max_seq_len: {perturbed_ids.size} perturbed genes do not fit in {max_genes} "
                           "gene tokens; raise model.max_seq_len")
-    mean = np.asarray(x.mean(0)).ravel()
-    mean[perturbed_ids] = np.inf  # always in the panel
-    candidates = np.union1d(np.flatnonzero(np.asarray((x != 0).sum(0)).ravel() > 0), perturbed_ids)
-    panel = np.sort(candidates[np.argsort(-mean[candidates], kind="stable")][:max_genes])
+    group_names, group = _groups(obs, pair_keys, condition.size)
+    unseen = _split_conditions(usable, heldout_perturbations, heldout_fraction, seed)
+    split = _assign_splits(np.where(condition > 0, condition, -1), {conditions.index(n) for n in unseen},
+                           heldout_cell_fraction, seed)
+    panel = _gene_panel(x, split, perturbed_ids, max_genes)
     position = {int(g): i for i, g in enumerate(panel)}
     condition_genes = [np.zeros(0, np.int64)] + [np.array([position[int(vocab[g])] for g in genes_of[n]])
                                                  for n in usable]
-    group_names = ["|".join(t) for t in zip(*[obs[f"pair_keys[{i}]"] for i in range(len(pair_keys))])]
-    group = np.unique(group_names, return_inverse=True)[1] if pair_keys else np.zeros(condition.size, np.int64)
-    unseen = _split_conditions(usable, heldout_perturbations, heldout_fraction, seed)
-    split = _assign_splits(condition, conditions, unseen, heldout_cell_fraction, seed)
     labels = {}
     if batch_key:
         labels["batch"] = np.unique(obs["batch_key"], return_inverse=True)[1]
     return PerturbationData(panel.astype(np.int64), [vocab.id_to_token(int(g)) for g in panel],
                             x[:, panel].toarray().astype(np.float32), condition, conditions, condition_genes,
-                            group.astype(np.int64), split, labels)
+                            group.astype(np.int64), split, labels, group_names=group_names)
 
 
-def _assign_splits(condition: np.ndarray, conditions: list[str], unseen: set[str], cell_fraction: float,
-                   seed: int) -> np.ndarray:
+def _groups(obs: dict[str, np.ndarray], pair_keys: Sequence[str], n: int) -> tuple[list[str], np.ndarray]:
+    """(group names, (n,) group code) of the cells: the ``pair_keys`` values joined by '|'."""
+    if not pair_keys:
+        return [""], np.zeros(n, np.int64)
+    joined = ["|".join(t) for t in zip(*[obs[f"pair_keys[{i}]"] for i in range(len(pair_keys))])]
+    names, group = np.unique(joined, return_inverse=True)
+    return [str(v) for v in names], group.astype(np.int64)
+
+
+def _gene_panel(x: sp.csr_matrix, split: np.ndarray, forced: np.ndarray, max_genes: int) -> np.ndarray:
+    """Sorted vocabulary ids: ``forced`` and the genes of highest mean expression over the cells that are not
+    unseen (held-out cells never choose the genes), among the genes expressed in any cell."""
+    known = x[split != SPLITS.index("unseen")]
+    mean = np.asarray(known.mean(0)).ravel()
+    mean[forced] = np.inf  # always in the panel
+    candidates = np.union1d(np.flatnonzero(np.asarray((x != 0).sum(0)).ravel() > 0), forced)
+    return np.sort(candidates[np.argsort(-mean[candidates], kind="stable")][:max_genes])
+
+
+def _label_conditions(x, obs, label, names, *, where, max_genes, control_value, pair_keys, heldout_groups,
+                      heldout_cell_fraction, seed, vocab) -> PerturbationData:
+    """``condition_input=label``: any condition values, an embedding per condition, held-out (group,
+    condition) units: every non-control cell of the ``heldout_groups`` is unseen."""
+    if not names:
+        raise DataError(f"{where} has only the control value {control_value!r}; the task needs cells of at least "
+                        "one other condition (or set task.data_module.control_value)")
+    conditions = [control_value, *names]
+    code = {name: c for c, name in enumerate(conditions)}
+    keep = label != ""
+    x, condition = x[keep], np.array([code[v] for v in label[keep]])
+    group_names, group = _groups({k: v[keep] for k, v in obs.items()}, pair_keys, condition.size)
+    unknown = [g for g in heldout_groups or [] if g not in group_names]
+    if unknown:
+        raise ConfigError(f"task.data_module.heldout_groups: {unknown[0]!r} is not a group of the data "
+                          f"(pair_keys {list(pair_keys)}); choose from {', '.join(group_names)}")
+    split = _assign_splits(np.where(condition > 0, condition * len(group_names) + group, -1), set(),
+                           heldout_cell_fraction, seed)
+    held = np.isin(group, [group_names.index(g) for g in heldout_groups or []]) & (condition > 0)
+    split[held] = SPLITS.index("unseen")
+    panel = _gene_panel(x, split, np.zeros(0, np.int64), max_genes)
+    return PerturbationData(panel.astype(np.int64), [vocab.id_to_token(int(g)) for g in panel],
+                            x[:, panel].toarray().astype(np.float32), condition, conditions,
+                            [np.zeros(0, np.int64)] * len(conditions), group, split,
+                            {"condition": condition}, condition_input="label", group_names=group_names)
+
+
+def _assign_splits(unit: np.ndarray, unseen: set[int], cell_fraction: float, seed: int) -> np.ndarray:
+    """(N,) split codes from each cell's ``unit`` (-1: a control, always trained on): the ``unseen`` units
+    whole; of each other unit a seeded ``cell_fraction`` of its cells (at least 1, never all) seen."""
     if not 0.0 <= cell_fraction < 1.0:
         raise ConfigError(f"task.data_module.heldout_cell_fraction: {cell_fraction} must be in [0, 1)")
-    split = np.zeros(condition.size, np.int64)
+    split = np.zeros(unit.size, np.int64)
     rng = np.random.default_rng([seed, 6])
-    for c, name in enumerate(conditions[1:], start=1):
-        rows = np.flatnonzero(condition == c)
-        if name in unseen:
+    for u in np.unique(unit[unit >= 0]):
+        rows = np.flatnonzero(unit == u)
+        if int(u) in unseen:
             split[rows] = SPLITS.index("unseen")
         else:
             n = min(max(int(round(rows.size * cell_fraction)), 1 if cell_fraction > 0 else 0), rows.size - 1)
@@ -326,7 +411,8 @@ class PerturbationDataModule(L.LightningDataModule):
     def __init__(self, cells, perturbation_key: str = "perturbation", control_value: str = "control",
                  pair_keys: Sequence[str] = ("cell_type",), batch_key: str | None = None,
                  heldout_perturbations: Sequence[str] | None = None, heldout_fraction: float = 0.25,
-                 heldout_cell_fraction: float = 0.2, target_cells: int = 1) -> None:
+                 heldout_cell_fraction: float = 0.2, target_cells: int = 1, condition_input: str = "genes",
+                 heldout_groups: Sequence[str] | None = None) -> None:
         super().__init__()
         if int(target_cells) < 1:
             raise ConfigError(f"task.data_module.target_cells: {target_cells} must be at least 1")
@@ -336,7 +422,8 @@ class PerturbationDataModule(L.LightningDataModule):
             perturbation_key=perturbation_key, control_value=control_value, pair_keys=list(pair_keys),
             batch_key=batch_key, heldout_perturbations=None if heldout_perturbations is None else
             [str(h) for h in heldout_perturbations], heldout_fraction=heldout_fraction,
-            heldout_cell_fraction=heldout_cell_fraction)
+            heldout_cell_fraction=heldout_cell_fraction, condition_input=str(condition_input),
+            heldout_groups=None if heldout_groups is None else [str(g) for g in heldout_groups])
         self.seed, self.batch_size = int(cells.seed), int(cells.per_device_batch_size)
         self.num_workers = int(cells.num_workers)
         self._data: PerturbationData | None = None
@@ -351,6 +438,12 @@ class PerturbationDataModule(L.LightningDataModule):
     vocab = property(lambda self: self.cells.vocab)
     fingerprint = property(lambda self: self.cells.fingerprint)
     label_names = property(lambda self: self.cells.label_names)
+
+    @property
+    def n_conditions(self) -> int:
+        """Rows of the model's condition embedding (``model_heads.n_conditions: auto``): every condition,
+        control included, with ``condition_input=label``; 0 with gene flags."""
+        return len(self.data.conditions) if self.data.by_group else 0
 
     def n_classes(self, label_key: str) -> int:
         return self.cells.n_classes(label_key)

@@ -56,6 +56,7 @@ class ModelConfig:
     batch_discriminator: bool = False  # adversarial batch discriminator (needs n_batch_labels)
     n_modalities: int = 0  # > 0 adds a per-token modality embedding
     n_perturbation_flags: int = 0  # > 0 adds a per-token perturbation embedding
+    n_conditions: int = 0  # > 0 adds a per-cell condition embedding (e.g. CTRL / STIM) to every token
     dsbn: str = "off"  # per-batch-label BatchNorm: input (before the encoder, as scGPT), output, cell; true = input
 
     def __post_init__(self) -> None:
@@ -76,6 +77,7 @@ class ModelConfig:
         _one_of(self.attention_backend, ATTENTION_BACKENDS, "model.attention_backend")
         _one_of(self.cell_emb_style, CELL_EMB_STYLES, "model.cell_emb_style")
         _require(self.n_layers_cls >= 1, "model.n_layers_cls", "must be at least 1")
+        _require(self.n_conditions >= 0, "model.n_conditions", "must be 0 (none) or the number of conditions")
         _require(not self.batch_discriminator or self.n_batch_labels > 1, "model.batch_discriminator",
                  "needs model.n_batch_labels > 1 (the number of batches to discriminate)")
         if isinstance(self.dsbn, bool):  # dsbn: true / false (YAML also reads on / off as booleans)

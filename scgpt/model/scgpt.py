@@ -42,6 +42,8 @@ class ScGPTModel(nn.Module):
         self.embedding = InputEmbedding(cfg)
         self.transformer_encoder = TransformerEncoder(cfg, backend or build_attention_backend(cfg.attention_backend))
         self.batch_encoder = None
+        # a learned embedding of each cell's condition (e.g. CTRL / STIM), added to every token of the cell
+        self.condition_encoder = nn.Embedding(cfg.n_conditions, d) if cfg.n_conditions else None
         if cfg.n_batch_labels:
             self.batch_encoder = nn.Sequential(nn.Embedding(cfg.n_batch_labels, d), nn.LayerNorm(d, eps=cfg.layer_norm_eps))
         d_dec = 2 * d if cfg.n_batch_labels else d
@@ -72,9 +74,14 @@ class ScGPTModel(nn.Module):
 
     def encode(self, gene_ids: Tensor, values: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None,
                modality_ids: Tensor | None = None, perturbation_flags: Tensor | None = None,
-               batch_labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (token states, gene embeddings, cell embedding). ``batch_labels`` (B,) are needed with DSBN."""
-        x, gene_embs = self.embedding(gene_ids, values, modality_ids, perturbation_flags)
+               batch_labels: Tensor | None = None, condition_labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (token states, gene embeddings, cell embedding). ``batch_labels`` (B,) are needed with DSBN;
+        ``condition_labels`` (B,) with a condition embedding (``cfg.n_conditions``)."""
+        x, gene_embs = self.embedding(gene_ids, values, modality_ids, perturbation_flags)  # (B, L, D) | (T, D)
+        if self.condition_encoder is not None:
+            if condition_labels is None:
+                raise ValueError("this model has a condition embedding (model.n_conditions); pass condition_labels")
+            x = x + layout.broadcast(self.condition_encoder(condition_labels))  # (B, 1, D) | (T, D)
         if self.cfg.dsbn == "input":
             x = self.domain_norm(x, layout, batch_labels)
         states = self.transformer_encoder(x, layout, gen_mask)
@@ -100,9 +107,9 @@ class ScGPTModel(nn.Module):
 
     def forward(self, gene_ids: Tensor, values: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None,
                 batch_labels: Tensor | None = None, modality_ids: Tensor | None = None,
-                perturbation_flags: Tensor | None = None) -> ScGPTOutput:
+                perturbation_flags: Tensor | None = None, condition_labels: Tensor | None = None) -> ScGPTOutput:
         states, gene_embs, cell_emb = self.encode(gene_ids, values, layout, gen_mask, modality_ids, perturbation_flags,
-                                                  batch_labels)
+                                                  batch_labels, condition_labels)
         dec_in, cell_dec = states, cell_emb
         if self.batch_encoder is not None:
             batch_emb = self.batch_encoder(batch_labels)  # (B, D)
