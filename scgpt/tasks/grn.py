@@ -1,4 +1,7 @@
-"""Gene regulatory networks from a trained model, scored against the planted network of the synthetic store.
+"""Gene regulatory networks from a trained model, scored against the planted network of the synthetic store
+or an external reference (``reference_edges``: a regulator -> target edge file, e.g. omnipath; see
+:mod:`scgpt.tasks.grn_reference`: the ``network_genes`` most detected reference genes of the data, the
+regulators the reference's sources among them).
 
 The planted network is read from the store's ``uns/regulatory_network`` (regulator -> target edges the
 generator planted: ``scgpt-data synth`` / ``data.synthetic`` with ``n_regulators > 0``), else from
@@ -25,6 +28,8 @@ known, as in BEELINE; it leaves out target-target pairs, which co-vary without a
 from __future__ import annotations
 
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -35,6 +40,7 @@ from scgpt.metrics import edge_recovery
 from scgpt.model.attention_maps import attention_maps
 from scgpt.tasks.finetune import FinetuneTask
 from scgpt.tasks.grn_knockout import KnockoutNetwork
+from scgpt.tasks.grn_reference import cells_per_gene, read_reference_edges, reference_network, truth_matrix
 from scgpt.io import rank_zero_logger
 
 log = rank_zero_logger(__name__)
@@ -63,25 +69,37 @@ def planted_network(store_path, vocab) -> tuple[np.ndarray, set[tuple[int, int]]
 
 
 class AttentionNetwork:
-    """Sums of scaled attention (query gene, key gene) and their counts over cells, on vocabulary ids."""
+    """Sums of scaled attention (query gene, key gene) and their counts over cells, on vocabulary ids; with
+    ``tracked`` (vocabulary ids) only among those genes (the sums are (tracked, tracked), not (vocab, vocab))."""
 
-    def __init__(self, n_genes: int) -> None:
-        self.n_genes = n_genes
-        self.total = torch.zeros(n_genes * n_genes, dtype=torch.float64)
-        self.count = torch.zeros(n_genes * n_genes, dtype=torch.float64)
+    def __init__(self, n_genes: int, tracked: np.ndarray | None = None) -> None:
+        tracked = np.arange(n_genes) if tracked is None else np.asarray(tracked, dtype=np.int64)
+        self.local = torch.full((n_genes,), -1, dtype=torch.long)  # vocabulary id -> tracked index, -1: not
+        self.local[torch.as_tensor(tracked)] = torch.arange(len(tracked))
+        self.n_genes = n = len(tracked)
+        self.total = torch.zeros(n * n, dtype=torch.float64)
+        self.count = torch.zeros(n * n, dtype=torch.float64)
 
     def add(self, gene_ids: Tensor, probs: Tensor, real: Tensor) -> None:
         """gene_ids (B, L), probs (B, L, L), real (B, L) bool: the gene tokens (no <cls>, no padding)."""
         scaled = probs * real.sum(dim=1, dtype=probs.dtype)[:, None, None]  # uniform attention -> 1
-        pair = real[:, :, None] & real[:, None, :]  # (B, L, L)
-        flat = (gene_ids[:, :, None] * self.n_genes + gene_ids[:, None, :])[pair].cpu()  # query * G + key
+        local = self.local.to(gene_ids.device)[gene_ids]  # (B, L)
+        kept = real & (local >= 0)
+        pair = kept[:, :, None] & kept[:, None, :]  # (B, L, L)
+        flat = (local[:, :, None] * self.n_genes + local[:, None, :])[pair].cpu()  # query * G + key
         self.total.index_add_(0, flat, scaled[pair].double().cpu())
         self.count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
 
     def mean(self, genes: np.ndarray) -> np.ndarray:
-        """(G', G') mean scaled attention of query genes[i] to key genes[j]; 0 where never seen together."""
-        total = self.total.view(self.n_genes, self.n_genes).numpy()[np.ix_(genes, genes)]
-        count = self.count.view(self.n_genes, self.n_genes).numpy()[np.ix_(genes, genes)]
+        """(G', G') mean scaled attention of query genes[i] to key genes[j]; 0 where never seen together or
+        not tracked."""
+        local = self.local.numpy()[genes]
+        total = np.zeros((len(genes), len(genes)))
+        count = np.zeros_like(total)
+        ok = np.flatnonzero(local >= 0)
+        view = np.ix_(local[ok], local[ok])
+        total[np.ix_(ok, ok)] = self.total.view(self.n_genes, self.n_genes).numpy()[view]
+        count[np.ix_(ok, ok)] = self.count.view(self.n_genes, self.n_genes).numpy()[view]
         return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 
@@ -92,8 +110,15 @@ class GrnTask(FinetuneTask):
     max_attention_genes = 8192  # dense (G, G) attention sums above this vocabulary size are skipped
 
     def __init__(self, *args, attention_layer: int = -1, state_key: str | None = None,
-                 state_value: str | None = None, knockout_max_regulators: int = 64, **kwargs) -> None:
+                 state_value: str | None = None, knockout_max_regulators: int = 64,
+                 reference_edges: str | None = None, reference_columns: Sequence[str] = ("source", "target"),
+                 reference_where: dict | None = None, network_genes: int = 1000, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.reference = None
+        if reference_edges:  # read now: a bad file stops the run before training
+            self.reference = read_reference_edges(reference_edges, list(reference_columns), reference_where)
+            log.info("grn: %d reference edges from %s", len(self.reference), reference_edges)
+        self.network_genes = int(network_genes)
         self.attention_layer, self.state_key, self.state_value = attention_layer, state_key, state_value
         self.knockout_max_regulators = knockout_max_regulators
         self.attention: AttentionNetwork | None = None
@@ -104,7 +129,12 @@ class GrnTask(FinetuneTask):
         super().setup(stage)
         self.planted = None
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and datamodule.sources:
+        if datamodule is not None and datamodule.sources and self.reference is not None:
+            detected = cells_per_gene(datamodule.sources[0], datamodule.vocab)
+            self.planted = reference_network(self.reference, datamodule.vocab, detected, self.network_genes)
+            log.info("grn: reference restricted to %d detected genes, %d edges, %d regulators",
+                     len(self.planted[0]), len(self.planted[1]), len({a for a, _ in self.planted[1]}))
+        elif datamodule is not None and datamodule.sources:
             self.planted = planted_network(datamodule.sources[0].path, datamodule.vocab)
             if self.planted is None:
                 log.warning("grn: %s has no uns/regulatory_network or uns/gene_programs; network metrics skipped",
@@ -125,15 +155,18 @@ class GrnTask(FinetuneTask):
 
     def on_validation_epoch_start(self) -> None:
         n_genes = self.model_cfg.vocab_size
-        self.attention = AttentionNetwork(n_genes) if n_genes <= self.max_attention_genes else None
+        planted = getattr(self, "planted", None)
+        tracked = planted[0] if self.reference is not None and planted else None  # the reference's scored genes
+        small = n_genes <= self.max_attention_genes or (tracked is not None and len(tracked) <= self.max_attention_genes)
+        self.attention = AttentionNetwork(n_genes, tracked) if small else None
         self.knockout = None
-        if getattr(self, "planted", None) and self.knockout_max_regulators > 0:
-            regulators = sorted({a for a, _ in self.planted[1]})
-            if len(regulators) > self.knockout_max_regulators:
-                log.warning("grn: %d regulators, more than task.knockout_max_regulators=%d; knockout network skipped",
-                            len(regulators), self.knockout_max_regulators)
+        if planted and self.knockout_max_regulators > 0:
+            regulators = knockout_regulators(planted[1], self.knockout_max_regulators, self.reference is not None)
+            if regulators is None:
+                log.warning("grn: more regulators than task.knockout_max_regulators=%d; knockout network skipped",
+                            self.knockout_max_regulators)
             else:
-                self.knockout = KnockoutNetwork(np.array(regulators), n_genes)
+                self.knockout = KnockoutNetwork(regulators, n_genes)
 
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
@@ -161,8 +194,10 @@ class GrnTask(FinetuneTask):
             return {}
         expression = arrays["expression"].tocsc()
         measured = np.flatnonzero(np.diff(expression.indptr) > 1)  # vocabulary ids seen in >= 2 cells
-        _, edges = self.planted
-        truth = np.array([[(int(a), int(b)) in edges for b in measured] for a in measured])  # (regulator, target)
+        genes, edges = self.planted
+        if self.reference is not None:  # the reference's scored genes only
+            measured = np.intersect1d(measured, genes)
+        truth = truth_matrix(measured, edges)  # (regulator, target)
         networks = {"": self._embedding_network(measured),
                     "coexpr/": np.nan_to_num(np.corrcoef(expression[:, measured].toarray(), rowvar=False))}
         if self.attention is not None and self.attention.count.sum() > 0:
@@ -172,19 +207,35 @@ class GrnTask(FinetuneTask):
         off_diagonal = ~np.eye(len(measured), dtype=bool)
         regulators = np.isin(measured, sorted({a for a, _ in edges}))  # rows of the known regulators
         candidates = {"": off_diagonal, "_from_regulators": off_diagonal & regulators[:, None]}
+        if "knockout/" in networks and not np.isin(measured[regulators], self.knockout.regulators.numpy()).all():
+            knocked = np.isin(measured, self.knockout.regulators.numpy())  # a subset of the regulators
+            candidates["_from_knocked_out"] = off_diagonal & knocked[:, None]
         out = {}
         for prefix, scores in networks.items():
             for suffix, pairs in candidates.items():
-                if prefix == "knockout/" and not suffix:
-                    continue  # defined for the known regulators only
+                if prefix == "knockout/" and suffix != list(candidates)[-1]:
+                    continue  # defined for the knocked-out regulators only
                 metrics = edge_recovery(scores[pairs], truth[pairs])
                 name = f"{prefix}grn{suffix}"
                 out.update({f"{name}_{k}": v for k, v in metrics.items() if not (prefix and k.endswith("random"))})
                 out[f"{name}_auprc_over_random"] = out[f"{name}_auprc"] / max(out[f"grn{suffix}_auprc_random"], 1e-12)
         return out
 
-    def _embedding_network(self, measured: np.ndarray) -> np.ndarray:
+    def _embedding_network(self, measured: np.ndarray) -> np.ndarray:  # (G', G') cosine of input embeddings
         with torch.no_grad():
             emb = self.model.embedding.encoder(torch.as_tensor(measured, device=self.device)).float()
             emb = torch.nn.functional.normalize(emb, dim=-1)
             return (emb @ emb.T).cpu().numpy()
+
+
+def knockout_regulators(edges: set[tuple[int, int]], most: int, reference: bool) -> np.ndarray | None:
+    """Vocabulary ids of the regulators to knock out: all when at most ``most``; else, for a reference
+    network, the ``most`` with the most targets (ties by id); None (skip) for a planted one."""
+    degree: dict[int, int] = {}
+    for a, _ in edges:
+        degree[a] = degree.get(a, 0) + 1
+    if len(degree) <= most:
+        return np.array(sorted(degree), dtype=np.int64)
+    if not reference:
+        return None
+    return np.array(sorted(sorted(degree, key=lambda r: (-degree[r], r))[:most]), dtype=np.int64)
