@@ -26,7 +26,8 @@ from scgpt.paths import config_dir
 from scgpt.distributed import build_strategy, check_resume, trainer_plugins, world_size
 from scgpt.preemption import PreemptionHandler, Preempted, newest_complete_checkpoint
 from scgpt.tasks.init import apply_init_from, prepare_init_from, task_model_settings
-from scgpt.tasks.callbacks import AtomicCheckpointIO, LastCheckpoint, ThroughputMonitor
+from scgpt.console import console_callbacks, quiet_lightning
+from scgpt.tasks.callbacks import AtomicCheckpointIO, CellThroughputMonitor, LastCheckpoint
 from scgpt.tracking import finish_run, scrub_secrets, tracking_callbacks
 
 log = rank_zero_logger()
@@ -129,6 +130,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             resume = str(resume)
             log.info("auto-resume: continuing from %s, the newest complete checkpoint in %s", resume, run_dir)
     accumulate = gradient_accumulation(cfg)
+    quiet_lightning(world_size(cfg.trainer))  # Lightning's messages that do not concern the user
     strategy = _strategy(cfg)
     if resume is not None:
         check_resume(resume, cfg)  # ZeRO shards vs strategy and world size, before any work
@@ -142,7 +144,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     apply_init_from(cfg, task, init)  # strict load except the heads the task replaces; task.freeze
     task.export_metadata = export_metadata(cfg, datamodule)
     every = int(cfg.checkpoint.every_n_train_steps)
-    throughput = ThroughputMonitor()
+    throughput = CellThroughputMonitor()
     last = run_dir / "checkpoints" / "last.ckpt"
     callbacks = [DataProgress(), throughput, LastCheckpoint(last, every)]
     if cfg.checkpoint.get("keep_all"):  # also keep every periodic checkpoint as step-<N>.ckpt
@@ -152,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks += tracking_callbacks(cfg, logger)  # loss history, gradient norm, rich progress bar
+    callbacks += console_callbacks(cfg.trainer)  # the model summary without Lightning's FLOPs column
     callbacks.append(PreemptionHandler(last))  # last: saves after every other callback updated its state
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=logger, callbacks=callbacks,
                           accumulate_grad_batches=accumulate, default_root_dir=str(run_dir),

@@ -73,7 +73,7 @@ def test_throughput_monitor_logs_tflops_and_mfu_with_a_configured_peak():
     from types import SimpleNamespace
 
     from scgpt.model import TokenLayout
-    from scgpt.tasks.callbacks import ThroughputMonitor
+    from scgpt.tasks.callbacks import CellThroughputMonitor
 
     cfg = tiny_config()
     logged = {}
@@ -82,7 +82,7 @@ def test_throughput_monitor_logs_tflops_and_mfu_with_a_configured_peak():
     trainer = SimpleNamespace(world_size=1, precision="32-true")
     _, _, padding, _ = random_tokens([7, 2, 4])
     batch = SimpleNamespace(layout=TokenLayout(padding_mask=padding), n_cells=3, n_tokens=13)
-    monitor = ThroughputMonitor()
+    monitor = CellThroughputMonitor()
     monitor.on_train_batch_start(trainer, module, batch, 0)
     monitor.on_train_batch_end(trainer, module, None, batch, 0)
     flops = count_flops(cfg, [7, 2, 4]).training_step
@@ -96,7 +96,7 @@ def test_throughput_monitor_logs_no_mfu_without_a_known_peak():
     from types import SimpleNamespace
 
     from scgpt.model import TokenLayout
-    from scgpt.tasks.callbacks import ThroughputMonitor
+    from scgpt.tasks.callbacks import CellThroughputMonitor
 
     logged = {}
     module = SimpleNamespace(model=SimpleNamespace(cfg=tiny_config()), device=torch.device("cpu"), peak_tflops=None,
@@ -104,7 +104,7 @@ def test_throughput_monitor_logs_no_mfu_without_a_known_peak():
     trainer = SimpleNamespace(world_size=1, precision="32-true")
     _, _, padding, _ = random_tokens([3])
     batch = SimpleNamespace(layout=TokenLayout(padding_mask=padding), n_cells=1, n_tokens=3)
-    monitor = ThroughputMonitor()
+    monitor = CellThroughputMonitor()
     monitor.on_train_batch_start(trainer, module, batch, 0)
     monitor.on_train_batch_end(trainer, module, None, batch, 0)
     assert "throughput/mfu" not in logged and logged["throughput/tflops_per_device"] > 0

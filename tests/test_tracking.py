@@ -197,7 +197,8 @@ def test_training_shows_a_rich_progress_bar(tmp_path):
     from lightning.pytorch.callbacks import RichProgressBar
 
     shown = tracking.tracking_callbacks(compose_config(tmp_path, "trainer=cpu"), logger=False)
-    hidden = tracking.tracking_callbacks(compose_config(tmp_path, "trainer=debug"), logger=False)
+    hidden = tracking.tracking_callbacks(compose_config(tmp_path, "trainer=debug", "trainer.enable_progress_bar=false"),
+                                         logger=False)
     assert any(isinstance(c, RichProgressBar) for c in shown)
     assert not any(isinstance(c, RichProgressBar) for c in hidden)
 

@@ -14,8 +14,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from scgpt.io import atomic_path
 
 
-class ThroughputMonitor(L.Callback):
+class CellThroughputMonitor(L.Callback):
     """Times each training step (forward, backward, optimizer) and counts its cells and real tokens.
+    (Not Lightning's ``ThroughputMonitor``, which counts samples and needs a FLOPs function.)
 
     Logs ``throughput/cells_per_s`` and ``throughput/tokens_per_s`` for the whole job (this rank's rate
     times the world size: ranks get equal batches) and keeps run totals for the summary. Also logs
