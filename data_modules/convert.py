@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 import zarr.core.buffer
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from data_modules.modality import FEATURE_TYPE_COLUMN, GENE_EXPRESSION
 from data_modules.sources import _AnnDataSource, _open_source, _Source
@@ -58,6 +58,9 @@ class _ShardWriter:
     """Appends to a 1-d zarr array in whole shards (no read-modify-write), hashing what it writes."""
 
     def __init__(self, array: zarr.Array, hasher) -> None:
+        # every chunk is written, even one of zeros (a one-gene store's indices): a chunk missing from its
+        # shard is then damage (data_modules/integrity.py)
+        array = array.with_config({"write_empty_chunks": True})
         self.array, self.hasher, self.step = array, hasher, array.shards[0]
         self.pending: list[np.ndarray] = []
         self.n_pending = self.offset = 0
@@ -287,15 +290,17 @@ def _read_bucket(file: Path) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate(col) for col in zip(*parts))
 
 
-def _create_x(group: zarr.Group, n_cells: int, n_genes: int, nnz: int) -> zarr.Group:
+def _create_x(group: zarr.Group, n_cells: int, n_genes: int, nnz: int, checksums: bool = True) -> zarr.Group:
+    """X's three arrays; ``checksums=False`` writes format 1's codecs (tests of stores written before 2)."""
     x = group.create_group("X", attributes={"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
                                             "shape": [n_cells, n_genes]})
     layout = {"data": ("float32", nnz, DATA_CHUNK, DATA_SHARD), "indices": ("int32", nnz, DATA_CHUNK, DATA_SHARD),
               "indptr": ("int64", n_cells + 1, INDPTR_CHUNK, INDPTR_SHARD)}
     for name, (dtype, size, chunk, shard) in layout.items():
         shuffle = BloscShuffle.bitshuffle if name == "data" else BloscShuffle.shuffle
+        # crc32c last: each chunk's encoded bytes carry their checksum (_ShardWriter writes every chunk)
         x.create_array(name, shape=(size,), dtype=dtype, chunks=(chunk,), shards=(shard,), fill_value=0,
-                       compressors=BloscCodec(cname="zstd", clevel=3, shuffle=shuffle),
+                       compressors=[BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)] + [Crc32cCodec()] * checksums,
                        attributes={"encoding-type": "array", "encoding-version": "0.2.0"})
     return x
 

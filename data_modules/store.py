@@ -20,9 +20,23 @@ from zarr.core.sync import sync as zarr_sync
 
 from data_modules import codecs
 from data_modules.cells import CellTable, CsrArena
-from data_modules.store_format import DATA_SHARD, FORMAT_VERSION, Fingerprint
+from data_modules.integrity import ChunkChecker, DamagedChunk, cell_range, has_chunk_checksums, indptr_cell_range
+from data_modules.store_format import DATA_SHARD, FORMAT_VERSION, X_ARRAYS, Fingerprint
 from scgpt.errors import DataError
 from scgpt.tokenizer.vocab import GeneVocab
+
+
+class StoreDamagedError(DataError):
+    """A chunk of a store that fails its checksum or cannot be decoded (names the store, array, chunk, cells).
+
+    A DataLoader worker's exception reaches the main process rebuilt from its formatted traceback
+    (``ExceptionWrapper.reraise`` calls ``type(msg)``): the constructor keeps only the original line."""
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip().splitlines()[0]
+        super().__init__(message)
 
 
 class CellStore:
@@ -94,7 +108,48 @@ class CellStore:
                 self._cache["block", key] = group[key]
             if pipeline == codecs.ZARRS_PIPELINE:
                 codecs.note_zarrs_started()
+            # zarrs leaves the checksums of chunks read in part unchecked: they are checked after each read;
+            # zarr-python checks them, but reads a missing shard file as zeros: its presence is checked
+            self._cache["check after read", key] = (None if not self.has_checksums else
+                                                    "chunks" if pipeline == codecs.ZARRS_PIPELINE else "shards")
         return self._cache["block", key]
+
+    # integrity -------------------------------------------------------------------------------------
+    @property
+    def has_checksums(self) -> bool:
+        """Whether every X array carries per-chunk crc32c checksums (format 2; read from the array metadata)."""
+        if "checksums" not in self._cache:
+            self._cache["checksums"] = all(has_chunk_checksums(self._array(f"X/{k}")) for k in X_ARRAYS)
+        return self._cache["checksums"]
+
+    def _checker(self, key: str) -> ChunkChecker:
+        if ("checker", key) not in self._cache:
+            self._cache["checker", key] = ChunkChecker(self.path / key, self._array(key))
+        return self._cache["checker", key]
+
+    def check_chunks(self, key: str, start: int, stop: int, shards_only: bool = False) -> None:
+        """Raise :class:`StoreDamagedError` for the first chunk of ``key`` ('X/data', ...) holding values
+        [start, stop) that fails its checksum, or only whose shard file is gone (``shards_only``); nothing
+        to check in a store without checksums."""
+        if self.has_checksums:
+            checker = self._checker(key)
+            damage = (checker.first_missing_shard if shards_only else checker.first_damaged)(start, stop)
+            if damage is not None:
+                raise StoreDamagedError(self._damage_message(key, damage))
+
+    def _damage_message(self, key: str, damage: DamagedChunk) -> str:
+        return (f"{self.path}: {key} chunk {damage.chunk} (values {damage.start}-{damage.stop - 1}, "
+                f"{self._cells_of(key, damage.start, damage.stop)}) {damage.reason}: the store is damaged; "
+                f"restore it from a copy or convert it again (scgpt-data verify {self.path} lists every "
+                "damaged chunk)")
+
+    def _cells_of(self, key: str, start: int, stop: int) -> str:
+        if key == "X/indptr":
+            return indptr_cell_range(self.n_cells, start, stop)
+        try:
+            return cell_range(self._array("X/indptr")[:], start, stop)
+        except Exception:  # noqa: BLE001 - indptr damaged too
+            return "cells unknown: X/indptr is unreadable too"
 
     # metadata --------------------------------------------------------------------------------------
     n_cells = property(lambda self: int(self.meta["n_cells"]))
@@ -159,11 +214,12 @@ class CellStore:
         indices concurrently)."""
         if not 0 <= start <= stop <= self.n_cells:
             raise IndexError(f"rows [{start}, {stop}) out of range for {self.n_cells} cells in {self.path}")
-        indptr = np.asarray(self._block_array("X/indptr")[start:stop + 1], dtype=np.int64)
+        indptr = np.empty(stop - start + 1, np.int64)
+        _read_checked([(self, "X/indptr", start, stop + 1, indptr)])
         a, b = int(indptr[0]), int(indptr[-1])
         data_array, indices_array = self._block_array("X/data"), self._block_array("X/indices")
         data, indices = np.empty(b - a, data_array.dtype), np.empty(b - a, indices_array.dtype)
-        zarr_sync(codecs._read_into([(data_array, a, b, data), (indices_array, a, b, indices)]))
+        _read_checked([(self, "X/data", a, b, data), (self, "X/indices", a, b, indices)])
         return sp.csr_matrix((data, indices, indptr - a), shape=(stop - start, self.n_genes))
 
     def _vocab_map(self, vocab: GeneVocab) -> tuple[np.ndarray, np.ndarray]:
@@ -201,18 +257,20 @@ def read_blocks(requests: Sequence[tuple[CellStore, int, int]], label_keys: Sequ
     for store, start, stop in requests:
         if not 0 <= start <= stop <= store.n_cells:
             raise IndexError(f"rows [{start}, {stop}) out of range for {store.n_cells} cells in {store.path}")
+        if not (store.path / "zarr.json").is_file():  # zarr would read the missing chunks as fill values
+            raise DataError(f"{store.path}: the cell store is gone (deleted, moved or unmounted during the run); "
+                            "put it back")
     indptrs = [np.empty(stop - start + 1, np.int64) for _, start, stop in requests]
-    zarr_sync(codecs._read_into([(store._block_array("X/indptr"), start, stop + 1, out)
-                          for (store, start, stop), out in zip(requests, indptrs)]))
+    _read_checked([(store, "X/indptr", start, stop + 1, out) for (store, start, stop), out in zip(requests, indptrs)])
     sizes = [int(p[-1] - p[0]) for p in indptrs]
     first = arena.take_slots(sum(sizes))
     reads, offset = [], first
     for (store, _, _), indptr, size in zip(requests, indptrs, sizes):
         a, b = int(indptr[0]), int(indptr[-1])
-        reads += [(store._block_array("X/data"), a, b, arena.data[offset:offset + size]),
-                  (store._block_array("X/indices"), a, b, arena.indices[offset:offset + size])]
+        reads += [(store, "X/data", a, b, arena.data[offset:offset + size]),
+                  (store, "X/indices", a, b, arena.indices[offset:offset + size])]
         offset += size
-    zarr_sync(codecs._read_into(reads))
+    _read_checked(reads)
     tables, read_at, write_at = [], first, first
     data, indices = arena.data, arena.indices
     for (store, start, stop), indptr, size in zip(requests, indptrs, sizes):
@@ -239,6 +297,31 @@ def read_blocks(requests: Sequence[tuple[CellStore, int, int]], label_keys: Sequ
         read_at, write_at = read_at + size, write_at + kept
     arena.release(read_at - write_at)
     return tables
+
+
+def _read_checked(reads: Sequence[tuple[CellStore, str, int, int, np.ndarray]]) -> None:
+    """Values [a, b) of array ``key`` of each store into ``out``, all in one concurrent read, never returning
+    numbers from a damaged chunk: zarr-python checks each chunk's checksum as it decodes it, and the chunks
+    zarrs decoded are checked here (it skips the check for chunks read in part). A failed read is a
+    :class:`StoreDamagedError` naming the chunk (or, without checksums, the range that failed)."""
+    try:
+        zarr_sync(codecs._read_into([(store._block_array(key), a, b, out) for store, key, a, b, out in reads]))
+    except (ValueError, RuntimeError, OSError) as exc:
+        for store, key, a, b, _ in reads:
+            store.check_chunks(key, a, b)
+        for store, key, a, b, _ in reads:  # no checksums: the read that fails alone
+            try:
+                store._array(key)[a:b]
+            except (ValueError, RuntimeError, OSError) as inner:
+                raise StoreDamagedError(
+                    f"{store.path}: {key} values {a}-{b - 1} ({store._cells_of(key, a, b)}) cannot be decoded "
+                    f"({' '.join(str(inner).split())[:120]}): the store is damaged; restore it from a copy or "
+                    f"convert it again (scgpt-data verify {store.path} lists every damaged chunk)") from exc
+        raise
+    for store, key, a, b, _ in reads:
+        check = store._cache.get(("check after read", key))
+        if check:
+            store.check_chunks(key, a, b, shards_only=check == "shards")
 
 
 def open_dataset(paths_or_manifest: str | os.PathLike | Sequence[str | os.PathLike]) -> list[CellStore]:

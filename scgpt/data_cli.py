@@ -66,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a store")
     p.add_argument("store")
     p.add_argument("--vocab", help="report the overlap of the store's genes with this vocabulary")
-    p.add_argument("--verify", action="store_true", help="recompute the fingerprint from the data")
+    p.add_argument("--verify", action="store_true",
+                   help="read every value: recompute the fingerprint and check the chunks (as verify does)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("verify", help="check stores: every chunk's checksum, every value, the fingerprint")
+    p.add_argument("stores", nargs="+", metavar="STORE")
 
     p = sub.add_parser("vocab", help="a vocabulary JSON from the genes of stores or gene lists")
     group = p.add_mutually_exclusive_group(required=True)
@@ -133,13 +137,17 @@ def inspect_store(path: str, vocab_path: str | None = None, verify: bool = False
         "obs_columns": {c: (len(store.label_categories(c)) if store.is_categorical(c) else "numeric")
                         for c in store.obs_columns},
         "shuffle_seed": store.meta.get("shuffle_seed"), "created_by": store.meta.get("created_by"),
-        "fingerprint": store.fingerprint,
+        "fingerprint": store.fingerprint, "format_version": store.meta.get("format_version"),
+        "checksums": store.has_checksums,
     }
     if vocab_path is not None:
         known = int((GeneVocab.load(vocab_path).encode(store.var_names) >= 0).sum())
         summary["vocab_overlap"] = {"vocab": vocab_path, "matched": known, "share": known / store.n_genes}
     if verify:
-        summary["fingerprint_verified"] = store.compute_fingerprint() == store.fingerprint
+        from data_modules.integrity import verify_store
+
+        result = verify_store(store, report=lambda line: None, progress=sys.stderr.isatty())
+        summary["fingerprint_verified"], summary["problems"] = result.fingerprint_matches, result.problems
     return summary
 
 
@@ -161,9 +169,39 @@ def _inspect(args: argparse.Namespace, created_by: str) -> None:
                for c, n in summary["obs_columns"].items()]
     print("obs columns  : " + (", ".join(columns) or "none"))
     print(f"shuffle seed : {summary['shuffle_seed']}")
-    print(f"fingerprint  : {summary['fingerprint']}"
-          + ("" if "fingerprint_verified" not in summary else
-             " (verified)" if summary["fingerprint_verified"] else " (MISMATCH: the data changed)"))
+    print(f"checksums    : " + ("crc32c per chunk of X" if summary["checksums"] else
+                                f"none (store format {summary['format_version']}, written before checksums; "
+                                "convert it again to add them)"))
+    verified = summary.get("fingerprint_verified", "unchecked")
+    print(f"fingerprint  : {summary['fingerprint']} " + {
+        "unchecked": "(not checked: --verify or scgpt-data verify reads the data to check it)",
+        True: "(verified)", False: "(MISMATCH: the data changed)",
+        None: "(not recomputed: some chunks cannot be read)"}[verified])
+    for line in summary.get("problems", [])[:10]:
+        print(f"problem      : {line}")
+    if len(summary.get("problems", [])) > 10:
+        print(f"problem      : ... and {len(summary['problems']) - 10} more (scgpt-data verify lists them)")
+
+
+def _verify(args: argparse.Namespace, created_by: str) -> None:
+    from data_modules.integrity import verify_store
+    from data_modules.store import CellStore
+    from scgpt.errors import DataError
+
+    damaged = []
+    for path in args.stores:
+        store = CellStore(path)
+        result = verify_store(store, report=lambda line: print(line, flush=True), progress=sys.stderr.isatty())
+        if result.clean:
+            print(f"{store.path}: clean ({store.n_cells} cells, {store.nnz} values: every value a non-negative "
+                  "integer, fingerprint matches, " + ("every chunk's checksum matches)" if result.checksums
+                                                      else "no chunk checksums in this format 1 store)"))
+        else:
+            n = len(result.problems)
+            damaged.append(f"{store.path} ({n} problem{'s' if n > 1 else ''})")
+    if damaged:
+        raise DataError(f"{', '.join(damaged)}: verification failed (each problem listed above); restore the "
+                        "store from a copy or convert it again")
 
 
 def _read_gene_list(path: str) -> list[str]:
@@ -201,7 +239,7 @@ def _vocab(args: argparse.Namespace, created_by: str) -> None:
     print(f"wrote {args.out}: {len(genes)} genes + {len(vocab) - len(genes)} special tokens")
 
 
-_COMMANDS = {"convert": _convert, "synth": _synth, "inspect": _inspect, "vocab": _vocab}
+_COMMANDS = {"convert": _convert, "synth": _synth, "inspect": _inspect, "verify": _verify, "vocab": _vocab}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

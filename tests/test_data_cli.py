@@ -191,3 +191,27 @@ def test_console_entry_point_prints_one_line_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
     assert "missing.zarr" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_verify_passes_a_clean_store_and_lists_a_damaged_chunk(tmp_path, capsys):
+    import os
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    assert main(["synth", "--cells", "3000", "--genes", "300", "-o", str(store)]) == 0
+    assert main(["verify", str(store)]) == 0
+    assert "clean" in capsys.readouterr().out
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(store, bad)
+    shard = bad / "X" / "data" / "c" / "0"
+    with open(shard, "r+b") as f:  # 4 KB of random bytes inside the shard
+        f.seek(os.path.getsize(shard) // 3)
+        f.write(np.random.default_rng(0).bytes(4096))
+    assert main(["verify", str(store), str(bad)]) == 2
+    out, err = capsys.readouterr()
+    problems = [line for line in out.splitlines() if line.startswith(str(bad))]
+    assert problems and all("fails its checksum" in line for line in problems)
+    assert err.strip().startswith(f"error: {bad} (") and "verification failed" in err
+    assert main(["inspect", str(bad), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "checksums    : crc32c per chunk of X" in out and "not recomputed" in out
