@@ -15,12 +15,15 @@ from data_modules.collate import CellCollator, CollatorConfig
 from data_modules.modality import vocab_modalities
 from data_modules.splits import ObsSplit, RowSubset, assign_rows
 from data_modules.store import CellStore, open_dataset
-from data_modules.stream import CellBatchStream, StreamPlan, cut_blocks
+from data_modules.stream import CellBatchStream, StreamPlan, fitted_plan
 from data_modules.synthetic import ensure_synthetic_store
+from scgpt.config_checks import DEFAULT_PER_DEVICE_BATCH
 from scgpt.errors import ConfigError, DataError
+from scgpt.io import rank_zero_logger
 from scgpt.tokenizer.vocab import GeneVocab
 
 STATE_VERSION = 1
+log = rank_zero_logger()
 
 
 class CellDataModule(L.LightningDataModule):
@@ -31,7 +34,7 @@ class CellDataModule(L.LightningDataModule):
 
     def __init__(self, paths: str | Sequence[str] | None = None, synthetic: dict[str, Any] | None = None,
                  vocab_path: str | None = None, label_keys: Sequence[str] = (), val_fraction: float = 0.05,
-                 block_size: int = 1024, buffer_blocks: int = 8, per_device_batch_size: int = 32,
+                 block_size: int = 1024, buffer_blocks: int = 8, per_device_batch_size: int | None = None,
                  global_batch_size: int | None = None, num_workers: int = 0, max_seq_len: int = 1200,
                  n_bins: int = 51, mask_ratios: Sequence[float] = (0.25, 0.5, 0.75), mask_value: float = -1.0,
                  pad_value: float = -2.0, include_zero_genes: bool = False, generative_fraction: float = 0.5,
@@ -43,6 +46,8 @@ class CellDataModule(L.LightningDataModule):
             raise ConfigError("data: set exactly one of data.paths (store paths or a manifest) or data.synthetic")
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: {val_fraction} must be between 0 and 1")
+        if per_device_batch_size is None:  # scgpt-train derives it from the world size before building this
+            per_device_batch_size = global_batch_size or DEFAULT_PER_DEVICE_BATCH
         for key, value in (("per_device_batch_size", per_device_batch_size), ("block_size", block_size),
                            ("buffer_blocks", buffer_blocks)):
             if value < 1:
@@ -198,20 +203,38 @@ class CellDataModule(L.LightningDataModule):
                                                **self.collator_options), gene_universe=universe[universe >= 0],
                                 gene_modality=vocab_modalities(self.sources, vocab))  # None for RNA-only data
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        adapted = []
         for split in self.splits:
             sources, ranges = self.split_sources(split)
             domain_key = self.domain_key if split == "train" else None
             codes = self._domain_codes(sources, ranges) if domain_key else None
-            plan = StreamPlan(cut_blocks(ranges, self.block_size, codes), self.per_device_batch_size,
-                              self.buffer_blocks, self.seed, shuffle=split == "train", world_size=world,
-                              num_workers=max(1, self.num_workers), domain_key=domain_key)
-            if plan.batches_per_rank(0) == 0:
-                raise ConfigError(f"data.block_size: {self.block_size}-cell blocks leave some of the {world} ranks x "
-                                  f"{plan.num_workers} workers without a full {split} batch; lower data.block_size "
-                                  "or data.per_device_batch_size, or use fewer workers")
+            plan, block_size = self._plan(split, ranges, self.per_device_batch_size, world, codes, domain_key)
+            if (block_size, plan.num_workers) != (self.block_size, max(1, self.num_workers)):
+                adapted.append(f"{split} {block_size}-cell blocks x {plan.num_workers} workers")
             self._streams[split] = CellBatchStream(sources, self.label_keys, self.label_maps, vocab, plan,
                                                    collator, rank)
+        if adapted:  # small stores: said once
+            log.info("data: %s (data.block_size=%d x data.num_workers=%d leave some of the %d ranks' workers without "
+                     "a batch of this store)", ", ".join(adapted), self.block_size, self.num_workers, world)
         self._apply_position()
+
+    def _plan(self, split: str, ranges, batch_size: int, world: int, codes=None, domain_key=None) -> tuple[StreamPlan, int]:
+        """The split's plan with the configured blocks and workers, adapted to small stores (smaller blocks,
+        then fewer workers; :func:`fitted_plan`). Too few cells for a batch per rank: a ConfigError naming a
+        smaller per-device batch size that does fit, or what else to change."""
+        def fit(size: int):
+            return fitted_plan(ranges, self.block_size, size, self.buffer_blocks, self.seed, split == "train",
+                               world, max(1, self.num_workers), codes, domain_key)
+        found = fit(batch_size)
+        if found is not None:
+            return found
+        cells = sum(stop - start for start, stop in ranges)
+        smaller = next((b for b in range(batch_size - 1, 0, -1) if not batch_size % b and fit(b)), None)
+        if smaller is not None:
+            raise ConfigError(f"data.per_device_batch_size: the {split} split's {cells} cells leave some of the {world} "
+                              f"ranks without a batch of {batch_size}; set data.per_device_batch_size={smaller}")
+        fix = "raise data.val_fraction" if split == "val" else "use fewer devices or a larger store"
+        raise ConfigError(f"data: the {split} split has {cells} cells, too few for a batch on each of {world} ranks; {fix}")
 
     def _domain_codes(self, sources, ranges) -> list[np.ndarray]:
         """Dataset-wide ``domain_key`` code of every row in each source's range (for the domain sampler)."""
@@ -235,7 +258,8 @@ class CellDataModule(L.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         self.setup()
-        return DataLoader(self._streams[split], batch_size=None, num_workers=self.num_workers,
+        stream = self._streams[split]  # its plan's workers: fewer than data.num_workers on a small store
+        return DataLoader(stream, batch_size=None, num_workers=stream.plan.num_workers if self.num_workers else 0,
                           persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
@@ -253,7 +277,8 @@ class CellDataModule(L.LightningDataModule):
     # ---- exact resume ---------------------------------------------------------------------------
     def _layout(self) -> tuple[int, int]:
         world = self.trainer.world_size if self.trainer else 1
-        return world, max(1, self.num_workers)
+        self.setup()
+        return world, self._streams["train"].plan.num_workers  # the data order depends on both
 
     def state_dict(self) -> dict[str, Any]:
         world, workers = self._layout()

@@ -120,6 +120,25 @@ class StreamPlan:
         return self.batches_per_worker(epoch) * self.num_workers
 
 
+def fitted_plan(row_ranges: Sequence[tuple[int, int]], block_size: int, batch_size: int, buffer_blocks: int, seed: int,
+                shuffle: bool, world_size: int = 1, num_workers: int = 1, domain_codes: Sequence[np.ndarray] | None = None,
+                domain_key: str | None = None) -> tuple[StreamPlan, int] | None:
+    """The plan (and its block size) of the given block size and workers when every rank and worker gets a
+    batch. Small stores (fewer blocks than ranks x workers): the largest block size, halving down to one
+    batch, then fewer workers, that gives every one a batch. None when no plan with this batch size does."""
+    for workers in range(num_workers, 0, -1):
+        size = block_size
+        while True:
+            plan = StreamPlan(cut_blocks(row_ranges, size, domain_codes), batch_size, buffer_blocks, seed,
+                              shuffle=shuffle, world_size=world_size, num_workers=workers, domain_key=domain_key)
+            if plan.batches_per_rank(0) > 0:
+                return plan, size
+            if size <= batch_size:
+                break
+            size = max(batch_size, size // 2)
+    return None
+
+
 def worker_share(rank_batches: int, worker: int, num_workers: int) -> int:
     """How many of a rank's first ``rank_batches`` batches came from ``worker`` (round-robin)."""
     return max(0, (rank_batches - worker + num_workers - 1) // num_workers)

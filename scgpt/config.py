@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from scgpt.config_schema import check_annotated_types
 from scgpt.errors import ConfigError
 
 ATTENTION_BACKENDS = ("sdpa", "reference", "flash_attn")
@@ -60,6 +61,7 @@ class ModelConfig:
     dsbn: str = "off"  # per-batch-label BatchNorm: input (before the encoder, as scGPT), output, cell; true = input
 
     def __post_init__(self) -> None:
+        check_annotated_types(ModelConfig, asdict(self), "model")  # model.dropout=high: one line, not a TypeError
         _require(self.vocab_size > 0, "model.vocab_size", "must be positive")
         _require(0 <= self.pad_token_id < self.vocab_size, "model.pad_token_id",
                  f"must be an id inside the vocabulary (0..{self.vocab_size - 1})")

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_modules.datamodule import DataProgress
 from scgpt.config import ModelConfig
+from scgpt.config_checks import check_config, closest_hint, derive_batch_sizes, expand_sweeps
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
 from scgpt.io import fail, rank_zero_logger
 from scgpt.io import write_json_atomic, write_text_atomic
@@ -34,13 +35,14 @@ log = rank_zero_logger()
 
 
 def gradient_accumulation(cfg: DictConfig) -> int:
-    """global batch = per-device batch x world size x accumulation; the division must be exact."""
-    per_device, world = int(cfg.data.per_device_batch_size), world_size(cfg.trainer)
-    global_batch = int(cfg.data.get("global_batch_size") or per_device * world)
-    if global_batch % (per_device * world):
-        raise ConfigError(f"data.global_batch_size: {global_batch} is not a multiple of per_device_batch_size "
-                          f"{per_device} x {world} devices; pick a multiple of {per_device * world}")
-    return global_batch // (per_device * world)
+    """global batch = per-device batch x world size x accumulation; the division must be exact. The batch
+    size the user left out (null) is derived from the world size and written into ``cfg.data``."""
+    sizes = derive_batch_sizes(cfg.data.get("global_batch_size"), cfg.data.get("per_device_batch_size"),
+                               world_size(cfg.trainer))
+    if sizes.derived:
+        log.info("batch size: %s", sizes.derived)
+    cfg.data.global_batch_size, cfg.data.per_device_batch_size = sizes.global_batch, sizes.per_device
+    return sizes.accumulation
 
 
 def model_settings(cfg: DictConfig, datamodule, init=None) -> dict[str, Any]:
@@ -129,6 +131,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if resume is not None:
             resume = str(resume)
             log.info("auto-resume: continuing from %s, the newest complete checkpoint in %s", resume, run_dir)
+    check_config(cfg)  # every value's type and range, before any work
     accumulate = gradient_accumulation(cfg)
     quiet_lightning(world_size(cfg.trainer))  # Lightning's messages that do not concern the user
     strategy = _strategy(cfg)
@@ -285,19 +288,30 @@ def check_overrides(overrides: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        try:
+            cfg = compose("config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as exc:
+            hint = closest_hint(str(exc), overrides, lambda others: compose("config", overrides=others))
+            raise ConfigError(f"command line: {one_line(str(exc))}{hint}") from None
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
+        check_config(cfg)  # types and ranges of every value (ConfigError names the key)
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve
         raise ConfigError(f"command line: {one_line(str(exc))}") from None
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
 def main() -> None:
-    """Console entry point ``scgpt-train``. Hydra's own flags (--multirun, --help, ...) skip the pre-check."""
-    overrides = sys.argv[1:]
+    """Console entry point ``scgpt-train``. A multirun's jobs are checked one sweep value at a time; Hydra's
+    other flags (--help, --cfg, ...) skip the pre-check."""
+    args = sys.argv[1:]
+    overrides = [a for a in args if a not in MULTIRUN_FLAGS]
     if not any(arg.startswith("-") for arg in overrides):
         try:
-            check_overrides(overrides)
+            for job in (expand_sweeps(overrides) if len(overrides) < len(args) else [overrides]):
+                check_overrides(job)
         except ConfigError as exc:
             fail(exc)
     _hydra_main()

@@ -11,6 +11,7 @@ from hydra.utils import get_class, instantiate
 from data_modules.convert import write_store
 from data_modules.synthetic import make_synthetic_adata
 from scgpt.config import ModelConfig
+from scgpt.config_checks import check_config
 from scgpt.errors import ConfigError
 from scgpt.model import ScGPTModel
 from scgpt.paths import config_dir
@@ -19,7 +20,8 @@ from scgpt.train import _logger, _strategy, build_task, gradient_accumulation, m
 from conftest import SMALL_DATA, compose_config
 
 GROUPS = sorted(p.name for p in config_dir().iterdir()
-                if p.is_dir() and any(p.glob("*.yaml")) and p.name != "sweep")  # sweep/: wandb specs, not a Hydra group
+                if p.is_dir() and any(p.glob("*.yaml")) and p.name != "experiment")  # recipes: composed below
+EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
 
 def _options(group: str) -> list[str]:
@@ -52,6 +54,8 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, store_p
     if (group, option) == ("task", "perturbation"):  # needs perturbed cells (obs perturbation) in the data
         overrides += ["+data.synthetic.n_regulators=4", "+data.synthetic.n_perturbations=4"]
     cfg = compose_config(tmp_path, *overrides)
+    check_config(cfg)  # every value's type and range
+    gradient_accumulation(cfg)  # fills in a batch size left null
     datamodule = instantiate(cfg.data)
     if cfg.task.get("data_module"):  # task=perturbation pairs cells: it wraps the cell data module
         datamodule = instantiate(cfg.task.data_module, cells=datamodule)
@@ -71,6 +75,13 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, store_p
         assert get_class(cfg.trainer._target_)  # a GPU trainer cannot be built here; its target must resolve
     else:
         instantiate(cfg.trainer, strategy=_strategy(cfg), logger=_logger(cfg))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_recipe_passes_the_value_checks(experiment, tmp_path, store_path):
+    cfg = compose_config(tmp_path, f"experiment={experiment}", f"data.paths=[{store_path}]")
+    check_config(cfg)
+    assert gradient_accumulation(cfg) >= 1
 
 
 def test_whole_human_model_has_the_published_shape(tmp_path):

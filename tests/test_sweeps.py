@@ -1,5 +1,5 @@
 """Sweeps: Hydra multirun with the Optuna sweeper, the submitit SLURM launcher on a real (local) cluster,
-and the command lines a wandb agent runs from conf/sweep/*.yaml."""
+and the command lines a wandb agent runs from sweeps/*.yaml."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scgpt.paths import config_dir
 
 from conftest import SMALL_DATA
 
 FAST = [*SMALL_DATA, "trainer=debug"]
-SWEEP_SPECS = sorted((config_dir() / "sweep").glob("*.yaml"))
+SWEEP_SPECS = sorted((Path(__file__).parents[1] / "sweeps").glob("*.yaml"))  # wandb specs, not a Hydra group
 
 
 def _env(**extra) -> dict[str, str]:
