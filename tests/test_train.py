@@ -85,7 +85,7 @@ def test_cli_config_error_is_one_line_and_exit_code_2(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.val_fraction=2", "error: data.val_fraction: 2 must be between 0 and 1"),
+    ("data.val_fraction=2", "error: data.val_fraction: 2 is not a number in (0, 1)"),  # the config check
     ("+task.objectives.mlm=1", "error: task.objectives.mlm: unknown objective"),
 ])
 def test_errors_raised_in_constructors_are_one_line_too(tmp_path, override, message):
