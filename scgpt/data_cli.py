@@ -55,31 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     p = sub.add_parser("synth", help="write the synthetic ground-truth dataset as a store")
-    p.add_argument("--cells", type=_positive, required=True)
-    p.add_argument("--genes", type=_positive, required=True)
-    p.add_argument("--cell-types", type=_positive, default=5)
-    p.add_argument("--batches", type=_positive, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cells", type=_positive, required=True, help="number of cells to sample")
+    p.add_argument("--genes", type=_positive, required=True, help="number of genes (named SYN00000, SYN00001, ...)")
+    p.add_argument("--cell-types", type=_positive, default=5,
+                   help="cell types (obs cell_type), each with its own gene programmes (default %(default)s)")
+    p.add_argument("--batches", type=_positive, default=1,
+                   help="batches (obs batch), each with its own gene and library-size effect (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and the row shuffle (default %(default)s)")
+    p.add_argument("-o", "--out", required=True, help="output store directory (e.g. synthetic.zarr)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     p = sub.add_parser("inspect", help="summarise a store")
-    p.add_argument("store")
+    p.add_argument("store", help="a cell store directory")
     p.add_argument("--vocab", help="report the overlap of the store's genes with this vocabulary")
     p.add_argument("--verify", action="store_true",
                    help="read every value: recompute the fingerprint and check the chunks (as verify does)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     p = sub.add_parser("verify", help="check stores: every chunk's checksum, every value, the fingerprint")
-    p.add_argument("stores", nargs="+", metavar="STORE")
+    p.add_argument("stores", nargs="+", metavar="STORE", help="cell store directories")
 
     p = sub.add_parser("vocab", help="a vocabulary JSON from the genes of stores or gene lists")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--stores", nargs="+", metavar="STORE")
+    group.add_argument("--stores", nargs="+", metavar="STORE", help="cell stores whose genes make the vocabulary")
     group.add_argument("--genes", nargs="+", metavar="FILE",
                        help="text files with one gene per line, or vocabulary .json files")
-    p.add_argument("-o", "--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-o", "--out", required=True, help="output vocabulary JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
 
 
@@ -169,7 +171,7 @@ def _inspect(args: argparse.Namespace, created_by: str) -> None:
                for c, n in summary["obs_columns"].items()]
     print("obs columns  : " + (", ".join(columns) or "none"))
     print(f"shuffle seed : {summary['shuffle_seed']}")
-    print(f"checksums    : " + ("crc32c per chunk of X" if summary["checksums"] else
+    print("checksums    : " + ("crc32c per chunk of X" if summary["checksums"] else
                                 f"none (store format {summary['format_version']}, written before checksums; "
                                 "convert it again to add them)"))
     verified = summary.get("fingerprint_verified", "unchecked")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -215,3 +216,28 @@ def test_verify_passes_a_clean_store_and_lists_a_damaged_chunk(tmp_path, capsys)
     assert main(["inspect", str(bad), "--verify"]) == 0
     out = capsys.readouterr().out
     assert "checksums    : crc32c per chunk of X" in out and "not recomputed" in out
+
+
+def _options_without_help(help_text: str) -> list[str]:
+    """The argument entries of an argparse --help page with no help text beside or below them."""
+    lines = [line for line in help_text.splitlines() if line.strip()]
+    start = next(i for i, line in enumerate(lines) if line.endswith(("options:", "positional arguments:")))
+    bare = []
+    for i, line in enumerate(lines[start:], start):
+        entry = re.match(r"^  (\S.*?)(?:\s{2,}(\S.*))?$", line)
+        if not entry or line.endswith(":"):
+            continue
+        described_below = i + 1 < len(lines) and re.match(r"^\s{3,}\S", lines[i + 1])
+        if not entry.group(2) and not described_below:
+            bare.append(entry.group(1))
+    return bare
+
+
+@pytest.mark.parametrize("command", ["convert", "synth", "inspect", "verify", "vocab"])
+def test_every_option_of_every_subcommand_has_help_text(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    page = capsys.readouterr().out
+    assert "--help" in page and _options_without_help(page) == []
+    assert _options_without_help(page + "\n  --bare BARE\n") == ["--bare BARE"]  # the parser sees a bare option
