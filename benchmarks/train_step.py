@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # original_scgpt, run 
 from data_modules.collate import CellBatch, CellCollator, CollatorConfig  # noqa: E402
 from original_scgpt import OriginalScGPT  # noqa: E402
 from scgpt.config import ModelConfig  # noqa: E402
-from scgpt.flops import count_flops, mfu, peak_tflops  # noqa: E402
+from scgpt.flops import count_flops, generated_per_cell, mfu, peak_tflops  # noqa: E402
 from scgpt.model.attention import (VarlenAttention, build_attention_backend, flash_attn_available,  # noqa: E402
                                    torch_flash_varlen_kernel, torch_varlen_kernel)
 from scgpt.model.scgpt import ScGPTModel  # noqa: E402
@@ -345,7 +345,10 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
     timed = batches["padded"][args.warmup:]
     padded_tokens = statistics.mean(b.gene_ids.numel() for b in timed)
     real_tokens = statistics.mean(b.n_tokens for b in timed)
-    flops = statistics.mean(count_flops(cfg, b.layout.lengths).training_step for b in timed)
+    counts = [count_flops(cfg, b.layout.lengths, generated_per_cell(b.gen_mask if bool(b.generative.any()) else None))
+              for b in timed]
+    flops = statistics.mean(c.training_step for c in counts)  # model FLOPs (dense l x l attention per cell)
+    work_done = statistics.mean(c.training_step_work_done for c in counts)  # the pairs the generative mask computes
     peak = args.peak_tflops or (peak_tflops(device_name(device), "bf16") if args.dtype == "bfloat16" else None)
     variants = build_variants(args, cfg, shape_name, batches, device)
     results = time_interleaved(args, variants, device)
@@ -356,6 +359,8 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
                   seconds_per_step_min=min(seconds), cells_per_s=args.batch_size / median,
                   tokens_per_s=real_tokens / median, tflops_per_s=flops / median / 1e12,
                   mfu=mfu(flops, median, peak), peak_tflops=peak, flops_per_step=flops,
+                  tflops_per_s_work_done=work_done / median / 1e12, mfu_work_done=mfu(work_done, median, peak),
+                  flops_per_step_work_done=work_done,
                   padded_tokens_per_batch=padded_tokens, real_tokens_per_batch=real_tokens, **common))
     if args.profile:
         profile_variants(args, variants, device, common)

@@ -14,8 +14,16 @@ Per real token, forward:
 - MVC: ``gene2query`` 2d^2, ``W`` 2 d d_cell, the inner product with the cell embedding 2 d_cell (twice
   the last two with explicit zero probability).
 Per cell of l real tokens (``<cls>`` included), forward: attention scores QK^T and the weighted sum of
-V, 4 l^2 d per layer (the dense l x l block of the cell: what a per-cell or padded kernel computes; the
-generative mask is not subtracted). Per cell: classifier and batch-discriminator MLPs when present.
+V, 4 d per (query, key) pair per layer. Two figures count the pairs differently:
+- model FLOPs (``attention``, ``forward``, ``training_step``): the dense l x l block of the cell, l^2 pairs,
+  the generative mask not subtracted. The usual MFU convention; the run summary's ``tflops_per_device``
+  and ``mfu`` report this figure.
+- work done (``attention_work_done``, ``forward_work_done``, ``training_step_work_done``): only the pairs
+  the generative mask lets attend. A cell with k known and g generated tokens (k + g = l): known x known
+  k^2, each generated query x (the known keys + itself) g (k + 1), so k^2 + g (k + 1) pairs; a cell
+  without generated tokens l^2. What a kernel computes beyond these (a dense masked block, padding) is
+  waste, not work. The summary's ``tflops_per_device_work_done`` and ``mfu_work_done`` report it.
+Per cell: classifier and batch-discriminator MLPs when present.
 """
 
 from __future__ import annotations
@@ -42,11 +50,14 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 
 @dataclass(frozen=True)
 class FlopCount:
-    """Forward FLOPs of one batch, split into the per-token matmuls, attention and per-cell heads."""
+    """Forward FLOPs of one batch, split into the per-token matmuls, attention and per-cell heads.
+    ``attention`` counts every cell's dense l x l block (model FLOPs); ``attention_work_done`` only the
+    pairs the generative mask computes (equal without generated tokens)."""
 
     token_matmuls: float
     attention: float
     cell_heads: float
+    attention_work_done: float | None = None  # None: same as ``attention``
 
     @property
     def forward(self) -> float:
@@ -55,6 +66,15 @@ class FlopCount:
     @property
     def training_step(self) -> float:
         return TRAIN_MULTIPLIER * self.forward
+
+    @property
+    def forward_work_done(self) -> float:
+        attention = self.attention if self.attention_work_done is None else self.attention_work_done
+        return self.token_matmuls + attention + self.cell_heads
+
+    @property
+    def training_step_work_done(self) -> float:
+        return TRAIN_MULTIPLIER * self.forward_work_done
 
 
 def token_matmul_flops(cfg: ModelConfig) -> float:
@@ -80,13 +100,40 @@ def cell_head_flops(cfg: ModelConfig) -> float:
     return float(total)
 
 
-def count_flops(cfg: ModelConfig, lengths: Sequence[int] | torch.Tensor) -> FlopCount:
-    """FLOPs of one batch whose cells have ``lengths`` real tokens each (``<cls>`` included)."""
+def attended_pairs(lengths: torch.Tensor, generated: torch.Tensor | None) -> float:
+    """(query, key) pairs the generative mask computes: k^2 + g (k + 1) per cell of k known and g
+    generated tokens (l^2 without ``generated``). lengths, generated: (B,) tokens per cell."""
+    if generated is None:
+        return float((lengths ** 2).sum())
+    known = lengths - generated  # (B,)
+    return float((known ** 2 + generated * (known + 1)).sum())
+
+
+def generated_per_cell(gen_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Generated tokens of each cell (B,) from a padded (B, L) ``gen_mask``, or a packed (T,) one with its
+    ``cu_seqlens`` (B + 1,); None without a mask."""
+    if gen_mask is None:
+        return None
+    if cu_seqlens is None:
+        return gen_mask.sum(dim=1).cpu()
+    ends = torch.cat([gen_mask.new_zeros(1, dtype=torch.long), gen_mask.long().cumsum(0)])  # (T + 1,)
+    return (ends[cu_seqlens[1:].long()] - ends[cu_seqlens[:-1].long()]).cpu()
+
+
+def count_flops(cfg: ModelConfig, lengths: Sequence[int] | torch.Tensor,
+                generated: Sequence[int] | torch.Tensor | None = None) -> FlopCount:
+    """FLOPs of one batch whose cells have ``lengths`` real tokens each (``<cls>`` included), of which
+    ``generated`` (per cell, optional) are generated under the generative mask."""
     lengths = torch.as_tensor(lengths, dtype=torch.float64).flatten().cpu()
-    tokens, squares = float(lengths.sum()), float((lengths ** 2).sum())
+    tokens, per_pair = float(lengths.sum()), cfg.n_layers * 4 * cfg.d_model
+    work_done = None
+    if generated is not None:
+        generated = torch.as_tensor(generated, dtype=torch.float64).flatten().cpu()
+        work_done = per_pair * attended_pairs(lengths, generated)
     return FlopCount(token_matmuls=tokens * token_matmul_flops(cfg),
-                     attention=cfg.n_layers * 4 * cfg.d_model * squares,
-                     cell_heads=lengths.numel() * cell_head_flops(cfg))
+                     attention=per_pair * attended_pairs(lengths, None),
+                     cell_heads=lengths.numel() * cell_head_flops(cfg),
+                     attention_work_done=work_done)
 
 
 def peak_tflops(device_name: str | None, precision: str = "bf16",

@@ -193,6 +193,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "tokens_per_s": throughput.tokens_per_s,
         "tflops_per_device": throughput.tflops_per_s,
         "mfu": throughput.mfu,
+        "tflops_per_device_work_done": throughput.tflops_per_s_work_done,  # attention on the pairs computed
+        "mfu_work_done": throughput.mfu_work_done,  # tflops_per_device / mfu: model FLOPs (scgpt/flops.py)
         "peak_memory_gib": _peak_memory_gib(trainer),
         "attention_backend": task.model.attention_backend,
         "checkpoint": str(last),

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from scgpt.flops import count_flops, mfu, peak_tflops, token_matmul_flops
+from scgpt.flops import attended_pairs, count_flops, generated_per_cell, mfu, peak_tflops, token_matmul_flops
 from scgpt.model import ScGPTModel
-from scgpt.model.attention import ReferenceAttention
+from scgpt.model.attention import ReferenceAttention, allowed_keys
 from scgpt.model.layout import pack_padded
 
 from conftest import random_tokens, tiny_config
@@ -48,6 +48,37 @@ def test_forward_count_matches_torch_flop_counter_on_packed_tokens():
     mvc_inner_products = 2 * cfg.d_model * sum(lengths)  # elementwise multiply-and-sum: torch does not count it
     assert counter.get_total_flops() == count_flops(cfg, lengths).forward - mvc_inner_products
 
+
+
+def test_work_done_counts_the_pairs_the_generative_mask_computes():
+    cfg = tiny_config()  # d 32, 2 layers: 4 d = 128 FLOPs per (query, key) pair per layer, 256 over both
+    # cell 1: 6 tokens, 2 generated (k = 4): known x known 16 + generated x (4 known + itself) 2 * 5 = 26 pairs
+    # cell 2: 3 tokens, none generated: 9 pairs; model FLOPs count the dense blocks, 36 + 9 = 45 pairs
+    count = count_flops(cfg, [6, 3], generated=[2, 0])
+    assert count.attention == 256 * 45
+    assert count.attention_work_done == 256 * 35
+    assert count.forward == 9 * 43200 + 256 * 45
+    assert count.forward_work_done == 9 * 43200 + 256 * 35
+    assert count.training_step_work_done == 3 * (9 * 43200 + 256 * 35)
+    plain = count_flops(cfg, [6, 3])  # no generated tokens: both figures are the model FLOPs
+    assert plain.forward_work_done == plain.forward == count.forward
+
+
+def test_attended_pairs_equal_the_keys_the_mask_allows():
+    _, _, padding, gen = random_tokens([9, 4, 12, 1], seed=2, gen_share=0.5)
+    allowed = allowed_keys(padding, gen, padding.shape[1], "cpu")[:, 0] & ~padding[:, :, None]  # (B, L, L) real queries
+    lengths = (~padding).sum(1)
+    assert attended_pairs(lengths, generated_per_cell(gen)) == allowed.sum().item()
+    assert attended_pairs(lengths, None) == (lengths ** 2).sum().item()
+
+
+def test_generated_per_cell_is_the_same_padded_and_packed():
+    _, _, padding, gen = random_tokens([7, 2, 5], seed=4, gen_share=0.5)
+    packed_gen, layout = pack_padded(gen, padding)
+    expected = gen.sum(1)
+    assert torch.equal(generated_per_cell(gen), expected)
+    assert torch.equal(generated_per_cell(packed_gen, layout.cu_seqlens), expected)
+    assert generated_per_cell(None) is None
 
 def test_padding_does_not_change_the_count():
     cfg = tiny_config()
@@ -109,3 +140,28 @@ def test_throughput_monitor_logs_no_mfu_without_a_known_peak():
     monitor.on_train_batch_end(trainer, module, None, batch, 0)
     assert "throughput/mfu" not in logged and logged["throughput/tflops_per_device"] > 0
     assert monitor.mfu is None
+
+
+def test_throughput_monitor_logs_work_done_below_model_flops_with_generated_tokens():
+    from types import SimpleNamespace
+
+    from scgpt.tasks.callbacks import CellThroughputMonitor
+
+    cfg = tiny_config()
+    logged = {}
+    module = SimpleNamespace(model=SimpleNamespace(cfg=cfg), device=torch.device("cpu"), peak_tflops=0.001,
+                             log_dict=lambda values, **_: logged.update(values))
+    trainer = SimpleNamespace(world_size=1, precision="32-true")
+    _, _, padding, gen = random_tokens([7, 2, 4], seed=1, gen_share=0.5)
+    packed_gen, layout = pack_padded(gen, padding)
+    batch = SimpleNamespace(layout=layout, gen_mask=packed_gen, n_cells=3, n_tokens=13)
+    monitor = CellThroughputMonitor()
+    monitor.on_train_batch_start(trainer, module, batch, 0)
+    monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    count = count_flops(cfg, [7, 2, 4], gen.sum(1))
+    assert monitor.flops == count.training_step and monitor.flops_work_done == count.training_step_work_done
+    assert monitor.flops_work_done < monitor.flops
+    assert logged["throughput/tflops_per_device_work_done"] == pytest.approx(
+        count.training_step_work_done / monitor.seconds / 1e12)
+    assert logged["throughput/mfu_work_done"] == pytest.approx(logged["throughput/tflops_per_device_work_done"] / 0.001)
+    assert monitor.mfu_work_done == pytest.approx(monitor.tflops_per_s_work_done / 0.001)

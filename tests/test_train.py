@@ -30,6 +30,7 @@ def test_train_writes_the_run_directory_contract(tmp_path):
     assert summary["attention_backend"] == "sdpa"
     assert {"masked_mse", "pearson", "loss", "gep", "gen", "mvc"} <= set(summary["val"])
     assert summary["cells_per_s"] > 0 and summary["tokens_per_s"] > summary["cells_per_s"]
+    assert 0 < summary["tflops_per_device_work_done"] < summary["tflops_per_device"]  # generated tokens: fewer pairs
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and summary["checkpoint"].endswith("last.ckpt")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["model"]["d_model"] == 64 and saved["run_dir"] == str(tmp_path)  # resolved

@@ -23,7 +23,9 @@ class CellThroughputMonitor(L.Callback):
     ``throughput/tflops_per_device`` (model FLOPs of the step from its real tokens, :mod:`scgpt.flops`)
     and, when the device's peak is known, ``throughput/mfu``: the peak comes from ``peak_tflops`` here,
     else the task's ``peak_tflops`` (config ``task.module.peak_tflops``), else the bf16 table in
-    :mod:`scgpt.flops` for a CUDA device under bf16 precision.
+    :mod:`scgpt.flops` for a CUDA device under bf16 precision. ``throughput/tflops_per_device_work_done``
+    and ``throughput/mfu_work_done`` count attention only on the pairs the generative mask computes
+    (:mod:`scgpt.flops`: work done; equal to the model FLOPs without generated tokens).
     """
 
     def __init__(self, peak_tflops: float | None = None) -> None:
@@ -31,6 +33,7 @@ class CellThroughputMonitor(L.Callback):
         self.cells = 0
         self.tokens = 0
         self.flops = 0.0  # model FLOPs of this rank's steps
+        self.flops_work_done = 0.0  # the same, attention counted on the pairs the generative mask computes
         self.peak_tflops = peak_tflops
         self._peak: float | None = None
         self._start = 0.0
@@ -44,24 +47,30 @@ class CellThroughputMonitor(L.Callback):
         self.seconds += elapsed
         self.cells += batch.n_cells * world
         self.tokens += batch.n_tokens * world
-        flops = self._step_flops(pl_module, batch)
+        flops, work_done = self._step_flops(pl_module, batch)
         self.flops += flops
+        self.flops_work_done += work_done
         logged = {"throughput/cells_per_s": batch.n_cells * world / elapsed,
                   "throughput/tokens_per_s": batch.n_tokens * world / elapsed,
-                  "throughput/tflops_per_device": flops / elapsed / 1e12}
+                  "throughput/tflops_per_device": flops / elapsed / 1e12,
+                  "throughput/tflops_per_device_work_done": work_done / elapsed / 1e12}
         peak = self._device_peak(trainer, pl_module)
         if peak:
             logged["throughput/mfu"] = flops / elapsed / (peak * 1e12)
+            logged["throughput/mfu_work_done"] = work_done / elapsed / (peak * 1e12)
         pl_module.log_dict(logged, on_step=True, on_epoch=False)
 
     @staticmethod
-    def _step_flops(pl_module, batch) -> float:
+    def _step_flops(pl_module, batch) -> tuple[float, float]:
+        """(model FLOPs, work-done FLOPs) of one training step on this rank."""
         model_cfg = getattr(getattr(pl_module, "model", None), "cfg", None)
         if model_cfg is None:
-            return 0.0
-        from scgpt.flops import count_flops
+            return 0.0, 0.0
+        from scgpt.flops import count_flops, generated_per_cell
 
-        return count_flops(model_cfg, batch.layout.lengths).training_step
+        generated = generated_per_cell(getattr(batch, "gen_mask", None), batch.layout.cu_seqlens)
+        count = count_flops(model_cfg, batch.layout.lengths, generated)
+        return count.training_step, count.training_step_work_done
 
     def _device_peak(self, trainer, pl_module) -> float | None:
         if self._peak is None:
@@ -81,6 +90,15 @@ class CellThroughputMonitor(L.Callback):
     @property
     def mfu(self) -> float | None:
         return self.tflops_per_s / self._peak if self._peak else None
+
+    @property
+    def tflops_per_s_work_done(self) -> float:
+        """Achieved TFLOP/s per device over the run, attention counted on the pairs actually computed."""
+        return self.flops_work_done / self.seconds / 1e12 if self.seconds else 0.0
+
+    @property
+    def mfu_work_done(self) -> float | None:
+        return self.tflops_per_s_work_done / self._peak if self._peak else None
 
     @property
     def cells_per_s(self) -> float:
