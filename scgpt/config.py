@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from scgpt.config_schema import check_annotated_types
 from scgpt.errors import ConfigError
 
-ATTENTION_BACKENDS = ("sdpa", "reference", "flash_attn")
+ATTENTION_BACKENDS = ("sdpa", "reference", "flash_attn", "flash_attn4", "cudnn", "flex", "flex_flash")
 VALUE_ENCODINGS = ("continuous", "category", "scaling")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 NORM_SCHEMES = ("post", "pre")

@@ -96,6 +96,14 @@ def test_errors_raised_in_constructors_are_one_line_too(tmp_path, override, mess
     assert len(lines) == 1 and lines[0].startswith(message)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here")
+def test_cli_gpu_attention_kernel_on_cpu_is_one_line_naming_the_fix(tmp_path):
+    result = _cli([*FAST, "model.attention_backend=flash_attn4"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: model.attention_backend: flash_attn4 needs a CUDA GPU; use model.attention_backend=sdpa on this machine"]
+
+
 def test_cli_unknown_group_option_lists_the_available_ones(tmp_path):
     result = _cli(["model=huge"], cwd=tmp_path)
     assert result.returncode == 2

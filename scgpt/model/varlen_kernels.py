@@ -4,7 +4,9 @@
 - :func:`flash_varlen_kernel`: the flash-attn package; its backward drops ``lse``'s gradient
   (``lse_has_gradient = False``: the caller rebuilds it with one more call, see attention.py).
 - :func:`torch_flash_varlen_kernel`: PyTorch's FlashAttention varlen kernel through
-  :class:`FlashVarlenWithLse`, whose backward carries ``lse``'s gradient at no extra kernel call.
+  :class:`FlashVarlenWithLse`, whose backward carries ``lse``'s gradient at no extra kernel call. With
+  ``activate_flash_attention_impl("FA4")`` the same aten ops run FlashAttention-4 (``flash_attn4``).
+- :func:`torch_cudnn_varlen_kernel`: cuDNN attention on ragged tokens through the same autograd function.
 
 How ``FlashVarlenWithLse`` does it: a FlashAttention backward computes dS = P * (dO V^T - D) with
 D_i = rowsum(dO_i * O_i) taken from the ``out`` it is given. The gradient of lse_i with respect to the
@@ -125,6 +127,41 @@ def torch_flash_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
 
 
 torch_flash_varlen_kernel.lse_has_gradient = True
+
+
+def _lse_heads_first(lse: Tensor, n_queries: int, heads: int) -> Tensor:
+    """A kernel's log-sum-exp as (H, Tq) float32, from (H, Tq), (Tq, H) or (Tq, H, 1)."""
+    lse = lse.squeeze(-1) if lse.dim() == 3 else lse
+    heads_first = tuple(lse.shape) == (heads, n_queries)
+    return (lse if heads_first else lse.transpose(0, 1)).float().contiguous()
+
+
+def _aten_cudnn_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """cuDNN attention on ragged tokens (``cum_seq_q`` / ``cum_seq_k`` offsets). The raw log-sum-exp goes
+    back to its backward as it came; the (H, Tq) copy feeds the generative mix."""
+    out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
+        q, k, v, None, cu_q, cu_k, max_q, max_k, True, 0.0, False, False, scale=scale)
+    return out, _lse_heads_first(lse, q.shape[0], q.shape[1]), (lse, seed, offset)
+
+
+def _aten_cudnn_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, extras):
+    raw_lse, seed, offset = extras
+    dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+        grad_out, q, k, v, out, raw_lse, seed, offset, torch.empty(0, device=q.device), cu_q, cu_k, max_q, max_k,
+        0.0, False, scale=scale)
+    return dq, dk, dv
+
+
+CUDNN_OPS = (_aten_cudnn_forward, _aten_cudnn_backward)
+
+
+def torch_cudnn_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+    """cuDNN's attention on ragged tokens (fp16/bf16 on CUDA), lse gradient folded into its backward as
+    for :func:`torch_flash_varlen_kernel` (cuDNN's backward also takes ``out`` for D = rowsum(dO * O))."""
+    return flash_with_lse(q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k), CUDNN_OPS)
+
+
+torch_cudnn_varlen_kernel.lse_has_gradient = True
 
 
 def _reference_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):

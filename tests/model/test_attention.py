@@ -13,6 +13,8 @@ from scgpt.model.attention import (
     flash_attn_available,
     torch_varlen_kernel,
 )
+from scgpt.model.attention import GPU_BACKENDS, cudnn_unavailable, fa4_unavailable, flex_unavailable
+from scgpt.model.flex_attention import FlexAttention
 from scgpt.model.layout import pack_padded
 from scgpt.model.varlen_kernels import fold_lse_gradient, reference_flash_kernel
 from scgpt.errors import ConfigError
@@ -86,6 +88,82 @@ def test_unknown_backend_is_a_config_error():
 def test_flash_attn_without_cuda_is_a_config_error():
     with pytest.raises(ConfigError, match="flash_attn needs CUDA"):
         build_attention_backend("flash_attn")
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """torch's FlexAttention refuses backward on CPU at its entry (a device check only); its eager path is
+    plain autograd math, so lifting the check tests our block mask's gradients here. Training on CPU
+    stays refused (build_attention_backend)."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+
+
+@pytest.mark.parametrize("generative", [False, True])
+def test_flex_attention_matches_reference_padded_and_packed(generative):
+    q, k, v, padding, gen = _qkv([70, 3, 129, 1, 40], seed=7)  # ragged, over one 128-token block
+    gen = gen if generative else None
+    expected = ReferenceAttention().padded(q, k, v, padding, gen).transpose(1, 2)[~padding]  # (T, H, Dh)
+    backend = FlexAttention(compiled=False)
+    padded = backend.padded(q, k, v, padding, gen)
+    torch.testing.assert_close(padded.transpose(1, 2)[~padding], expected)
+    (pq, layout), (pk, _), (pv, _) = (_packed(t, padding) for t in (q, k, v))
+    packed_gen = None if gen is None else gen[~padding]
+    plan = backend.plan(layout.cu_seqlens, layout.max_seqlen, packed_gen)
+    for _ in range(2):  # one block mask for every layer of a forward
+        torch.testing.assert_close(backend.packed(pq, pk, pv, layout.cu_seqlens, layout.max_seqlen, packed_gen, plan),
+                                   expected)
+
+
+def test_flex_attention_gradients_match_reference_on_packed_generated_tokens(flex_backward_on_cpu):
+    q, k, v, padding, gen = _qkv([70, 3, 129, 1, 40], seed=8)
+    (pq, layout), (pk, _), (pv, _) = (_packed(t, padding) for t in (q, k, v))
+    weights = torch.randn(pq.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for backend in (ReferenceAttention(), FlexAttention(compiled=False)):
+        leaves = [t.clone().requires_grad_() for t in (pq, pk, pv)]
+        out = backend.packed(*leaves, layout.cu_seqlens, layout.max_seqlen, gen[~padding])
+        (out * weights).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for expected, got in zip(*grads):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here")
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_gpu_kernels_without_cuda_are_one_config_error_naming_the_fix(name):
+    with pytest.raises(ConfigError) as error:
+        build_attention_backend(name)
+    assert str(error.value) == (f"model.attention_backend: {name} needs a CUDA GPU"
+                                + (" (torch's FlexAttention has no backward on CPU)" if name.startswith("flex") else "")
+                                + "; use model.attention_backend=sdpa on this machine")
+
+
+def _gpu_unavailable(name: str) -> str | None:
+    return {"flash_attn4": fa4_unavailable, "cudnn": cudnn_unavailable, "flex": flex_unavailable,
+            "flex_flash": lambda: flex_unavailable(flash=True)}[name]()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("generative", [False, True])
+def test_gpu_kernels_match_reference_forward_and_backward_on_gpu(name, generative):
+    if _gpu_unavailable(name):
+        pytest.skip(f"{name} {_gpu_unavailable(name)}")
+    q, k, v, padding, gen = (t.cuda() for t in _qkv([70, 33, 300, 5], heads=4, dim=64))
+    gen = gen if generative else None
+    (pq, layout), (pk, _), (pv, _) = (_packed(t, padding) for t in (q, k, v))
+    packed_gen = None if gen is None else gen[~padding]
+    weights = torch.randn_like(pq)
+    results = []
+    for backend, dtype in ((ReferenceAttention(), torch.float32), (build_attention_backend(name), torch.bfloat16)):
+        leaves = [t.to(dtype).requires_grad_() for t in (pq, pk, pv)]
+        out = backend.packed(*leaves, layout.cu_seqlens, layout.max_seqlen, packed_gen)
+        (out.float() * weights).sum().backward()
+        results.append([out.float()] + [t.grad.float() for t in leaves])
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.gpu

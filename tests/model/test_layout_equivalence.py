@@ -87,6 +87,26 @@ def test_padded_and_packed_give_the_same_losses_and_gradients(name, generative_f
             torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-5, rtol=1e-4, msg=f"{layout} {key}")
 
 
+def test_flex_attention_gives_the_reference_losses_and_gradients(monkeypatch):
+    """One FlexAttention call per layer (document + generative block mask) on packed and padded cells.
+    torch refuses FlexAttention's backward on CPU by a device check only; lifted here, its eager autograd
+    math runs (model.attention_backend=flex itself stays CUDA-only)."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    from scgpt.model.flex_attention import FlexAttention
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+    batches = _batches(generative_fraction=0.5)
+    ref_terms, ref_grads = _loss_and_grads(ReferenceAttention(), batches["padded"])
+    for layout in ("padded", "packed"):
+        terms, grads = _loss_and_grads(FlexAttention(compiled=False), batches[layout])
+        for key in ref_terms:
+            torch.testing.assert_close(terms[key], ref_terms[key], atol=1e-5, rtol=1e-5, msg=f"{layout} {key}")
+        assert grads.keys() == ref_grads.keys()
+        for key in grads:
+            torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-5, rtol=1e-4, msg=f"{layout} {key}")
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_activation_checkpointing_keeps_losses_and_gradients(layout):
     batch = _batches()[layout]
@@ -125,14 +145,19 @@ def test_length_groups_bound_the_padding_work():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["sdpa", "flash_attn"])
+@pytest.mark.parametrize("name", ["sdpa", "flash_attn", "flash_attn4", "cudnn", "flex", "flex_flash"])
 @pytest.mark.parametrize("generative_fraction", [0.0, 0.5])
 def test_packed_matches_padded_on_gpu(name, generative_fraction):
     """bf16 autocast on CUDA (FlashAttention kernels take bf16 only): losses and gradients against the
     fp32 reference attention on padded cells, within bf16 tolerance."""
     if name == "flash_attn" and not flash_attn_available():
         pytest.skip("needs a FlashAttention varlen kernel (flash-attn or torch >= 2.10)")
-    from scgpt.model.attention import build_attention_backend
+    from scgpt.model.attention import build_attention_backend, cudnn_unavailable, fa4_unavailable, flex_unavailable
+
+    reason = {"flash_attn4": fa4_unavailable, "cudnn": cudnn_unavailable, "flex": flex_unavailable,
+              "flex_flash": lambda: flex_unavailable(flash=True)}.get(name, lambda: None)()
+    if reason:
+        pytest.skip(f"{name} {reason}")
 
     batches = {k: _to_cuda(v) for k, v in _batches(generative_fraction=generative_fraction).items()}
     ref_terms, ref_grads = _loss_and_grads(ReferenceAttention(), batches["padded"], device="cuda")
