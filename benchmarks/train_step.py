@@ -16,7 +16,8 @@ other processes falls on all alike):
 - ``<backend>/<layout>``: our ``ScGPTModel`` with each attention backend (sdpa, reference, torch_varlen:
   the plain-torch stand-in for flash-attn's varlen path; flash_attn: CUDA + flash-attn only, skipped
   with a note otherwise; flash_attn_lse_call: PyTorch's flash kernel with the log-sum-exp gradient from
-  one more varlen call per layer instead of folded into its backward) on padded and packed batches;
+  one more varlen call per layer instead of folded into its backward; flash_attn4, cudnn, flex,
+  flex_flash: CUDA only, skipped with the reason otherwise) on padded and packed batches;
 - ``<backend>/packed+<extra>`` for ``--extras`` (several options joined by ``+`` run together): ``compile`` (torch.compile of the encoder layers'
   per-token blocks, dynamic token count; compile time falls in the warm-up steps), ``checkpointing``
   (activation checkpointing of every encoder layer), ``fused_adamw`` (``AdamW(fused=True)``).
@@ -56,8 +57,9 @@ from data_modules.collate import CellBatch, CellCollator, CollatorConfig  # noqa
 from original_scgpt import OriginalScGPT  # noqa: E402
 from scgpt.config import ModelConfig  # noqa: E402
 from scgpt.flops import count_flops, generated_per_cell, mfu, peak_tflops  # noqa: E402
-from scgpt.model.attention import (VarlenAttention, build_attention_backend, flash_attn_available,  # noqa: E402
-                                   torch_flash_varlen_kernel, torch_varlen_kernel)
+from scgpt.model.attention import (GPU_BACKENDS, VarlenAttention, build_attention_backend,  # noqa: E402
+                                   flash_attn_available, torch_flash_varlen_kernel, torch_varlen_kernel)
+from scgpt.errors import ConfigError  # noqa: E402
 from scgpt.model.scgpt import ScGPTModel  # noqa: E402
 from scgpt.objectives import ObjectiveContext, build_objectives  # noqa: E402
 
@@ -66,7 +68,7 @@ SHAPES = {  # dropout is each shape's default (conf/model/tiny.yaml, conf/model/
     "small": dict(d_model=256, n_layers=4, n_heads=8, d_hid=512, max_seq_len=600, n_bins=51, dropout=0.1),
     "whole_human": dict(d_model=512, n_layers=12, n_heads=8, d_hid=512, max_seq_len=1200, n_bins=51, dropout=0.2),
 }
-BACKENDS = ("sdpa", "reference", "flash_attn", "torch_varlen", "flash_attn_lse_call")
+BACKENDS = ("sdpa", "reference", "flash_attn", "torch_varlen", "flash_attn_lse_call", *GPU_BACKENDS)
 LAYOUTS = ("padded", "packed")
 EXTRAS = ("compile", "checkpointing", "fused_adamw")
 OBJECTIVE_WEIGHTS = {"gep": 1.0, "gen": 1.0, "mvc": 1.0}
@@ -306,10 +308,16 @@ def emit(record: dict) -> None:
 def build_variants(args, cfg, shape_name, batches, device) -> dict[str, tuple[StepFn, list[CellBatch]]]:
     variants = {} if args.no_original else {BASELINE: (original(args, cfg, device), batches["padded"])}
     for backend in args.backends:
-        if backend.startswith("flash_attn") and not (device.type == "cuda" and flash_attn_available()):
+        if backend in ("flash_attn", "flash_attn_lse_call") and not (device.type == "cuda" and flash_attn_available()):
             emit(dict(kind="skipped", shape=shape_name, backend=backend,
                       reason="flash_attn needs CUDA and the flash-attn package"))
             continue
+        if backend in GPU_BACKENDS:
+            try:
+                build_attention_backend(backend)
+            except ConfigError as error:  # flash_attn4 / cudnn / flex*: CUDA (and wheels) only
+                emit(dict(kind="skipped", shape=shape_name, backend=backend, reason=str(error)))
+                continue
         for layout in args.layouts:
             variants[f"{backend}/{layout}"] = (ours(args, cfg, backend, device), batches[layout])
         for extra in args.extras:
