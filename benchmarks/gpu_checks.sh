@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 4 and 8 in one short script, for a machine with one CUDA GPU.
 #
-#   [STEPS="tests bench bench_large profile scale train"] [TRAIN_STRATEGIES="ddp deepspeed_zero2"] [TRAIN_OVERRIDES=...] bash benchmarks/gpu_checks.sh OUTDIR [WHEELDIR]
+#   [STEPS="tests kernels bench bench_large profile scale train"] [TRAIN_STRATEGIES="ddp deepspeed_zero2"] [TRAIN_OVERRIDES=...] bash benchmarks/gpu_checks.sh OUTDIR [WHEELDIR]
 #
 # 1. the GPU-only tests (attention backends in bf16 against the fp32 reference, fused AdamW, every task end to end);
+#    then every attention kernel alone on one whole-human batch's cu_seqlens (benchmarks/attention_kernels.py, ``kernels``);
 # 2. benchmarks/train_step.py on the whole-human shape: the original architecture (padded
 #    nn.TransformerEncoder) side by side with our sdpa / flash_attn backends, padded and packed, with the
 #    compile and fused-AdamW options; then a larger batch (``bench``); a profile of the flash_attn
@@ -21,7 +22,7 @@ WHEELS=${2:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SCGPT_CACHE=/tmp/scgpt-cache
 PY=${PYTHON:-python3}
-STEPS=" ${STEPS:-tests bench bench_large profile scale train} "
+STEPS=" ${STEPS:-tests kernels bench bench_large profile scale train} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 if [ -n "$WHEELS" ]; then
@@ -48,6 +49,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log
 }
 
 want tests && step gpu_tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/model tests/tasks
+want kernels && step attention_kernels 120 $PY benchmarks/attention_kernels.py --device cuda --dtype bfloat16 \
+  --backends ${KERNEL_BACKENDS:-sdpa,flash_attn,flash_attn_lse_call,flash_attn4,cudnn,flex,flex_flash} --batch-size 128 --calls 20
 
 BENCH="$PY benchmarks/train_step.py --shapes whole_human --device cuda --dtype bfloat16"
 want bench && step train_step_b32 150 $BENCH --backends sdpa,flash_attn --batch-size 32 --steps 20 --warmup 5 --extras compile,fused_adamw

@@ -196,6 +196,24 @@ def make_backend(name: str, group_tolerance: float | None = None):
     return backend
 
 
+@contextlib.contextmanager
+def flash_impl(backend: str):
+    """FlashAttention-4 in PyTorch's aten flash ops for ``flash_attn4`` only: its activation is process-wide,
+    so interleaved variants switch it on around their own steps (and back to the default for the others)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from torch.nn.attention import activate_flash_attention_impl, current_flash_attention_impl, \
+        restore_flash_attention_impl
+
+    wanted = "FA4" if backend == "flash_attn4" else None
+    if current_flash_attention_impl() != wanted and wanted:
+        activate_flash_attention_impl(wanted)
+    elif current_flash_attention_impl() != wanted:
+        restore_flash_attention_impl(_raise_warn=False)
+    yield
+
+
 def make_optimizer(model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW as PretrainTask builds it: weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -219,11 +237,12 @@ def ours(args, cfg: ModelConfig, backend: str, device: torch.device, extra: str 
     objectives = build_objectives(OBJECTIVE_WEIGHTS, None, cfg)
 
     def step(batch: CellBatch) -> None:
-        with autocast(device, args.dtype):
-            gen_mask = batch.gen_mask if bool(batch.generative.any()) else None
-            out = model(batch.gene_ids, batch.values, batch.layout, gen_mask=gen_mask)
-            loss = sum(o.weight * sum(o(out, batch, ObjectiveContext()).values()) for o in objectives)
-        finish(loss, optimizer)
+        with flash_impl(backend):
+            with autocast(device, args.dtype):
+                gen_mask = batch.gen_mask if bool(batch.generative.any()) else None
+                out = model(batch.gene_ids, batch.values, batch.layout, gen_mask=gen_mask)
+                loss = sum(o.weight * sum(o(out, batch, ObjectiveContext()).values()) for o in objectives)
+            finish(loss, optimizer)
     return step
 
 
