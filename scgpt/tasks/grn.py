@@ -15,7 +15,8 @@ ranked over all ordered pairs of measured genes (self pairs excluded), each with
   token attends to the regulator's token, averaged over heads and over the cells where both genes are
   expressed, each query row scaled by its cell's token count (uniform attention = 1). Inputs are the
   cells' true values (no masking), as in scGPT's attention-based GRN;
-- ``coexpr/grn_*``: Pearson correlation of binned expression in the validation cells, the baseline.
+- ``coexpr/grn_*``: |Pearson correlation| of binned expression in the validation cells, the baseline (an
+  activating and a repressing edge both co-vary).
 
 - ``knockout/grn_from_regulators_*``: in-silico knockout of each planted regulator (grn_knockout.py): the
   change in the predicted expression of hidden genes when the regulator's token is removed.
@@ -199,7 +200,7 @@ class GrnTask(FinetuneTask):
             measured = np.intersect1d(measured, genes)
         truth = truth_matrix(measured, edges)  # (regulator, target)
         networks = {"": self._embedding_network(measured),
-                    "coexpr/": np.nan_to_num(np.corrcoef(expression[:, measured].toarray(), rowvar=False))}
+                    "coexpr/": np.abs(np.nan_to_num(np.corrcoef(expression[:, measured].toarray(), rowvar=False)))}
         if self.attention is not None and self.attention.count.sum() > 0:
             networks["attn/"] = self.attention.mean(measured).T  # [regulator, target] = target attends to regulator
         if self.knockout is not None and self.knockout.count.sum() > 0:
