@@ -30,7 +30,7 @@ CACHE = Path.home() / ".cache" / "scgpt" / "real_cells"
 ALIASES = {"CJUN": "JUN", "CMYC": "MYC", "CFOS": "FOS", "JUND": "JUND", "TR4": "NR2C2", "PU1": "SPI1",
            "NRSF": "REST", "GABP": "GABPA", "P300": "EP300", "NFKB": "RELA", "ERRA": "ESRRA", "BHLHE40": "BHLHE40",
            "PAX5C20": "PAX5", "PAX5N19": "PAX5", "POU2F2": "POU2F2", "ERALPHAA": "ESR1"}
-NETWORKS = [("coexpr/", "co-expression |Pearson| (baseline)"), ("", "gene embedding (cosine)"),
+NETWORKS = [("coexpr/", "co-expression abs(Pearson) (baseline)"), ("", "gene embedding (cosine)"),
             ("attn/", "attention (last layer)"), ("knockout/", "in-silico knockout")]
 
 
