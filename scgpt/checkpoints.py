@@ -91,6 +91,38 @@ def _torch_load(path: Path) -> Any:
                               "the file is corrupt, truncated or not a weights-only checkpoint") from None
 
 
+class _ErrorKeepingWriter:
+    """The file object torch.save writes through: keeps the OSError of a failed write, which torch's zip writer
+    would replace by "unexpected pos" (a full disk would not be named)."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def save_torch_file(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)``; a failed write (ENOSPC: disk full) raises the OS's OSError naming ``path``."""
+    with open(path, "wb") as handle:
+        writer = _ErrorKeepingWriter(handle)
+        try:
+            torch.save(obj, writer)
+            handle.flush()
+        except (OSError, RuntimeError) as exc:
+            cause = writer.error or (exc if isinstance(exc, OSError) else None)
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from exc
+
+
 def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning ``.ckpt`` as a dict (weights-only unpickling, on CPU)."""
     path = Path(path)

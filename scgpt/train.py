@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.datamodule import DataProgress
+from scgpt import crash
 from scgpt.config import ModelConfig
 from scgpt.config_checks import check_config, closest_hint, derive_batch_sizes, expand_sweeps
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
@@ -96,6 +97,7 @@ def _check_resume(ckpt_path: str | None) -> str | None:
         return None
     if not Path(ckpt_path).exists():
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint; give a path to a last.ckpt of an earlier run")
+    crash.check_complete(ckpt_path)  # a truncated file: names the newest complete one beside it
     return str(ckpt_path)
 
 
@@ -254,6 +256,9 @@ def optimized_metric(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    crash.begin(cfg.run_dir, list(HydraConfig.get().overrides.task), world_size(cfg.trainer))
     try:
         summary = train(cfg)
         if summary.get("preempted"):  # saved; the requeued job resumes it (exit 143 = stopped by a signal)
@@ -261,7 +266,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             sys.exit(0 if summary["requeued"] else 143)
         metric = optimized_metric(cfg, summary)
     except ScgptError as exc:
-        fail(exc)
+        raise SystemExit(crash.report(exc))  # one line (with where to resume when it stopped a run)
+    except Exception as exc:  # a dead rank, a full disk, an unreadable store: one line, traceback to train.log
+        code = crash.report(exc)
+        if code is None:
+            raise  # a bug: its traceback
+        raise SystemExit(code) from None
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         print(summary["run_dir"])
     return metric  # for sweepers (hparams_search=optuna)

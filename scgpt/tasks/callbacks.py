@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from scgpt.checkpoints import save_torch_file
 from scgpt.io import atomic_path
 
 
@@ -141,4 +142,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         with atomic_path(path, durable=True) as tmp:  # fsynced, and the rename survives a crash
-            torch.save(checkpoint, tmp)
+            save_torch_file(checkpoint, tmp)  # a full disk is an OSError naming the file, not 'unexpected pos'

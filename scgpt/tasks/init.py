@@ -13,7 +13,6 @@ original scGPT directory).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from scgpt.checkpoints import CheckpointContents, load_state_dict_strict, read_checkpoint, vocab_overlap_report
 from scgpt.errors import CheckpointError, ConfigError
 from scgpt.tokenizer.vocab import SPECIAL_TOKENS
+from scgpt.io import rank_zero_logger
 
-log = logging.getLogger(__name__)
+log = rank_zero_logger(__name__)
 
 # Settings a task may choose; every other model setting is the architecture and comes from the checkpoint.
 TASK_KEYS = ("n_cls_classes", "n_batch_labels", "batch_discriminator", "n_modalities", "n_perturbation_flags",
