@@ -27,6 +27,7 @@ from scgpt.model.attention import build_attention_backend
 from scgpt.paths import config_dir
 from scgpt.distributed import build_strategy, check_resume, trainer_plugins, world_size
 from scgpt.preemption import PreemptionHandler, Preempted, newest_complete_checkpoint
+from scgpt.sweeper import register as register_sweeper
 from scgpt.tasks.init import apply_init_from, prepare_init_from, task_model_settings
 from scgpt.console import console_callbacks, quiet_lightning
 from scgpt.tasks.callbacks import AtomicCheckpointIO, CellThroughputMonitor, LastCheckpoint
@@ -326,6 +327,7 @@ def main() -> None:
                 check_overrides(job)
         except ConfigError as exc:
             fail(exc)
+    register_sweeper()  # hydra/sweeper=optuna (hparams_search=optuna): scgpt's, which Hydra's scan can miss
     _hydra_main()
 
 

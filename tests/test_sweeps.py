@@ -1,5 +1,6 @@
-"""Sweeps: Hydra multirun with the Optuna sweeper, the submitit SLURM launcher on a real (local) cluster,
-and the command lines a wandb agent runs from sweeps/*.yaml."""
+"""Sweeps: Hydra multirun with our Optuna sweeper (scgpt/sweeper.py; its study in the sweep directory
+survives a crash), the submitit SLURM launcher on a real (local) cluster, and the command lines a wandb agent
+runs from sweeps/*.yaml."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _summaries(sweep_dir: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_optuna_multirun_runs_seeded_trials_and_reports_the_best(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    pytest.importorskip("optuna")
     result = _scgpt_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
                            "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweep.dir=sweep", "logger=none", *FAST],
                           cwd=tmp_path)
@@ -62,6 +63,104 @@ def test_optuna_multirun_runs_seeded_trials_and_reports_the_best(tmp_path):
                           "logger=none", *FAST], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert yaml.safe_load((tmp_path / "again" / "0" / ".hydra" / "overrides.yaml").read_text()) == first
+
+
+DIE_AT_JOB = """
+import os
+
+from hydra.experimental.callback import Callback
+
+
+class DieAtJob(Callback):
+    \"\"\"The sweep process dies (as by kill -9) when job `job` has started: that trial is running.\"\"\"
+
+    def __init__(self, job):
+        self.job = job
+
+    def on_job_start(self, config, **kwargs):
+        if config.hydra.job.num == self.job:
+            os._exit(137)
+"""
+
+
+def _study(sweep_dir: Path, name: str = "pretrain"):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal"))))
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_killed_after_two_of_four_trials_continues_with_the_same_command(tmp_path):
+    pytest.importorskip("optuna")
+    (tmp_path / "die_at_job.py").write_text(DIE_AT_JOB)
+    command = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=4", "logger=none", *FAST]
+    killed = _scgpt_train([*command, "+hydra.callbacks.die._target_=die_at_job.DieAtJob", "+hydra.callbacks.die.job=2"],
+                          cwd=tmp_path, PYTHONPATH=str(tmp_path))
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    sweep = tmp_path / "runs" / "optuna" / "pretrain"  # the default sweep dir of hparams_search=optuna
+    assert sorted(_summaries(sweep)) == ["0", "1"]
+    finished = {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in ("0", "1")}
+
+    again = _scgpt_train(command, cwd=tmp_path)  # the same command
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trial 2 was running when the previous sweep stopped: marked failed, not counted" in again.stdout + again.stderr
+    summaries = _summaries(sweep)
+    assert sorted(summaries) == ["0", "1", "3", "4"]  # 2 was killed; 0 and 1 were not run again
+    assert {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in ("0", "1")} == finished
+    study = _study(sweep)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    # the seeded sampler (random for its first 10 trials) does not propose trials 0 and 1 again
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
+    for trial in complete:  # each trial's value is its run's metric, and its run had its parameters
+        run = sweep / str(trial.number)
+        assert trial.value == pytest.approx(summaries[str(trial.number)]["val"]["masked_mse"])
+        assert yaml.safe_load((run / "config.yaml").read_text())["task"]["optimizer"]["lr"] == pytest.approx(
+            trial.params["task.optimizer.lr"])
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["n_trials"] == 4 and best["best_value"] == pytest.approx(min(t.value for t in complete))
+
+    done = _scgpt_train(command, cwd=tmp_path)  # the study has its 4 trials: nothing more to run
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(_summaries(sweep)) == ["0", "1", "3", "4"] and len(_study(sweep).trials) == 5
+
+
+@pytest.mark.slow
+def test_an_optuna_study_refuses_another_command_or_direction_with_one_line(tmp_path):
+    pytest.importorskip("optuna")
+    command = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=0", "hydra.sweep.dir=sweep", "logger=none", *FAST]
+    made = _scgpt_train(command, cwd=tmp_path)  # creates the study, runs no trial
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert (tmp_path / "sweep" / "optuna.journal").is_file()
+    other = _scgpt_train([*command, "trainer.max_steps=5"], cwd=tmp_path)
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1] == (
+        "error: hydra.sweeper.params: the study 'pretrain' in sweep/optuna.journal was run with other overrides "
+        "(+trainer.max_steps=5); run its command again or start a new study (hydra.sweeper.study_name or "
+        "hydra.sweep.dir)")
+    flipped = _scgpt_train([*command, "hydra.sweeper.direction=maximize"], cwd=tmp_path)
+    assert flipped.returncode == 2
+    assert flipped.stderr.strip().splitlines()[-1] == (
+        "error: hydra.sweeper.direction: the study 'pretrain' in sweep/optuna.journal was made to minimize; keep "
+        "that or start a new study (hydra.sweeper.study_name or hydra.sweep.dir)")
+
+
+def test_the_search_space_follows_hydras_sweep_grammar():
+    pytest.importorskip("optuna")
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from scgpt.sweeper import search_space
+
+    space, fixed = search_space(["a=tag(log, interval(1e-4, 3e-3))", "b=interval(0, 1)", "d=choice(10, 30, 100)",
+                                 "e=range(1, 4)", "model=small", "f=choice(x, 'y z')"])
+    assert space == {"a": FloatDistribution(1e-4, 3e-3, log=True),
+                     "b": FloatDistribution(0.0, 1.0),  # Hydra's intervals are floats
+                     "d": CategoricalDistribution([10, 30, 100]),
+                     "e": CategoricalDistribution([1, 2, 3]),  # Hydra's range: the stop is left out
+                     "f": CategoricalDistribution(["x", "y z"])}
+    assert fixed == {"model": "small"}
 
 
 def _slurm_ready() -> str | None:
