@@ -25,6 +25,8 @@ its largest DataLoader worker):
   settings (chunk_size 32, preload_nchunks 512); run with ``--annbatch-python`` (it needs Python >= 3.12).
 - ``scdataset``: ``scDataset`` with ``BlockShuffling(block_size)`` over the store's ``X`` (same buffer size).
 - ``rss_scaling``: peak RSS streaming tokenized batches from a 1M- and a 10M-cell store of tiny cells.
+- ``--checksum-cost``: only the read cost of the per-chunk crc32c checksums (format 2): decode only and
+  ours raw on the store and on a format-1 copy of the same cells, interleaved; medians of cells per CPU-second.
 
 Throughput is cells after the first batch / seconds after it; ``first_batch_s`` is the time from
 creating the iterator to the first batch. Each measurement stops after ``--seconds`` or ``--max-cells``.
@@ -111,11 +113,11 @@ def write_wide_h5ad(path: Path, n_cells: int, n_genes: int, mean_nnz: int, seed:
     os.replace(tmp, path)
 
 
-def ensure_wide_data(workdir: Path, n_cells: int, n_genes: int, mean_nnz: int) -> tuple[Path, Path, dict]:
-    from data_modules.convert import convert_to_store
-
+def ensure_wide_data(workdir: Path, n_cells: int, n_genes: int, mean_nnz: int,
+                     checksums: bool = True) -> tuple[Path, Path, dict]:
+    """The generated .h5ad and its store (``checksums=False``: a format-1 store, no per-chunk crc32c)."""
     name = f"wide_{n_cells}x{n_genes}_nnz{mean_nnz}"
-    h5ad, store = workdir / f"{name}.h5ad", workdir / f"{name}.zarr"
+    h5ad, store = workdir / f"{name}.h5ad", workdir / f"{name}{'' if checksums else '_format1'}.zarr"
     info = {}
     if not h5ad.exists():
         start = time.perf_counter()
@@ -123,9 +125,61 @@ def ensure_wide_data(workdir: Path, n_cells: int, n_genes: int, mean_nnz: int) -
         info["h5ad_write_s"] = time.perf_counter() - start
     if not store.exists():
         start = time.perf_counter()
-        convert_to_store([h5ad], store, chunk_cells=20_000)
+        _convert(h5ad, store, checksums)
         info["convert_s"] = time.perf_counter() - start
     return h5ad, store, info
+
+
+def _convert(h5ad: Path, store: Path, checksums: bool) -> None:
+    import functools
+    from unittest import mock
+
+    from data_modules import convert
+
+    if checksums:
+        convert.convert_to_store([h5ad], store, chunk_cells=20_000)
+        return
+    # a store as written before format 2 (the way tests/data_modules/test_checksums.py writes one)
+    with mock.patch.object(convert, "FORMAT_VERSION", 1), \
+            mock.patch.object(convert, "_create_x", functools.partial(convert._create_x, checksums=False)):
+        convert.convert_to_store([h5ad], store, chunk_cells=20_000)
+
+
+def checksum_cost(args, common: dict, store: Path, plain: Path) -> None:
+    """The read cost of per-chunk checksums: the same cells from a format-2 store (crc32c) and a format-1
+    one (none), decode only and ours raw (0 workers), zarr-python and zarrs, interleaved over the repeats;
+    the summary gives the median cells per CPU-second and the ratio with / without checksums."""
+    batch = int(args.batch_sizes.split(",")[0])
+    records = []
+    for repeat in range(args.repeats):
+        for kind in ("decode_only", "ours_raw"):
+            for pipeline in args.pipelines.split(","):
+                order = (("crc32c", store), ("none", plain))
+                for label, path in order[::-1] if repeat % 2 else order:  # who goes first alternates
+                    r = run_measure(kind, {**common, "store": str(path), "batch": batch, "workers": 0,
+                                           "pipeline": pipeline})
+                    records.append(emit({"kind": kind, "checksums": label, "pipeline": pipeline, "batch": batch,
+                                         "workers": 0, "repeat": repeat, **r}))
+    summary = {}
+    for kind in ("decode_only", "ours_raw"):
+        for pipeline in args.pipelines.split(","):
+            medians = {}
+            for label in ("crc32c", "none"):
+                values = [r["cells_per_cpu_s"] for r in records if r["kind"] == kind and r["pipeline"] == pipeline
+                          and r["checksums"] == label and r.get("cells_per_cpu_s")]
+                medians[label] = float(np.median(values)) if values else None
+                summary[f"{kind}_{pipeline}_{label}_median_cells_per_cpu_s"] = (round(medians[label])
+                                                                                 if values else None)
+            if medians["crc32c"] and medians["none"]:
+                summary[f"{kind}_{pipeline}_with_over_without"] = round(medians["crc32c"] / medians["none"], 3)
+            pairs = {}  # each repeat's two runs were back to back: their ratio sees the same load
+            for r in records:
+                if r["kind"] == kind and r["pipeline"] == pipeline and r.get("cells_per_cpu_s"):
+                    pairs.setdefault(r["repeat"], {})[r["checksums"]] = r["cells_per_cpu_s"]
+            ratios = [p["crc32c"] / p["none"] for p in pairs.values() if len(p) == 2]
+            if ratios:
+                summary[f"{kind}_{pipeline}_median_paired_ratio"] = round(float(np.median(ratios)), 3)
+    emit({"kind": "summary", "loadavg_1m_at_end": round(os.getloadavg()[0], 2), **summary})
 
 
 def ensure_tiny_store(workdir: Path, n_cells: int, nnz: int = 10, n_genes: int = 2000) -> Path:
@@ -348,7 +402,7 @@ def measure(kind: str, a: dict) -> dict:
 def run_measure(kind: str, args: dict, timeout: float = 240) -> dict:
     cmd = [sys.executable, __file__, "--measure", kind, "--args", json.dumps(args)]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"no result within {timeout} s (hung?)"}
     if out.returncode != 0:
@@ -359,7 +413,8 @@ def run_measure(kind: str, args: dict, timeout: float = 240) -> dict:
 def run_annbatch(python: str, store: Path, batch: int, chunk: int, preload: int, seconds: float, max_cells: int,
                  pipeline: str) -> dict:
     out = subprocess.run([python, "-c", ANNBATCH_SCRIPT, str(store), str(batch), str(chunk), str(preload),
-                          str(seconds), str(max_cells), pipeline], capture_output=True, text=True, timeout=900)
+                          str(seconds), str(max_cells), pipeline], check=False, capture_output=True, text=True,
+                         timeout=900)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -403,6 +458,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the raw ours/annbatch runs")
     p.add_argument("--skip", default="", help="comma list of: backed, annbatch, scdataset, rss")
     p.add_argument("--rss-cells", default="1000000,10000000")
+    p.add_argument("--checksum-cost", action="store_true",
+                   help="only the read cost of per-chunk checksums: the store with crc32c (format 2) against the "
+                        "same cells without (format 1), decode only and ours raw, first batch size, --repeats")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -423,6 +481,14 @@ def main() -> None:
     val_fraction = min(0.2, max(0.01, (2 * args.block_size + 1) / opened.n_cells))  # a val block per worker
     common = {"val_fraction": val_fraction, "store": str(store), "h5ad": str(h5ad), "block": args.block_size, "buffer": args.buffer_blocks,
               "max_seq_len": args.max_seq_len, "seconds": args.seconds, "max_cells": args.max_cells}
+    if args.checksum_cost:
+        plain = ensure_wide_data(workdir, args.cells, args.genes, args.nnz, checksums=False)[1]
+        versions = (opened.meta["format_version"], CellStore(plain).meta["format_version"])
+        if versions != (2, 1):  # a store cached in --workdir by older code
+            sys.exit(f"error: --workdir {workdir}: stores of format {versions}, not (2, 1); use an empty --workdir")
+        emit({"kind": "data", "store": str(plain), "format_version": 1, "store_mib": _du(plain)})
+        checksum_cost(args, common, store, plain)
+        return
     records = []
     pipelines = args.pipelines.split(",")
     have_annbatch = "annbatch" not in skip and args.annbatch_python and Path(args.annbatch_python).exists()
