@@ -117,8 +117,9 @@ def batch_mixing(emb: np.ndarray, batches: np.ndarray, k: int = 15) -> float:
 
 def integration_metrics(emb: np.ndarray, cell_types: np.ndarray, batches: np.ndarray, seed: int = 0,
                         k: int = 15) -> dict[str, float]:
-    """celltype_asw, batch_asw, batch_mixing, nmi, ari, knn_accuracy (higher is better for every one)."""
+    """celltype_asw, batch_asw, batch_mixing, ilisi, clisi, nmi, ari, knn_accuracy (higher is better for every one)."""
     _sklearn()
+    from scgpt.scib import lisi_scores
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_samples, \
         silhouette_score
@@ -135,6 +136,7 @@ def integration_metrics(emb: np.ndarray, cell_types: np.ndarray, batches: np.nda
             per_type.append(np.mean(1.0 - np.abs(silhouette_samples(emb[rows], batches[rows]))))
     out["batch_asw"] = float(np.mean(per_type)) if per_type else float("nan")
     out["batch_mixing"] = batch_mixing(emb, batches, k)
+    out.update(lisi_scores(emb, cell_types, batches))  # scIB's graph iLISI / cLISI (scgpt/scib.py)
     clusters = KMeans(n_clusters=max(2, n_types), n_init=10, random_state=seed).fit_predict(emb)
     out["nmi"] = float(normalized_mutual_info_score(cell_types, clusters))
     out["ari"] = float(adjusted_rand_score(cell_types, clusters))

@@ -35,6 +35,7 @@ class IntegrationTask(FinetuneTask):
         if "pca/celltype_asw" in out:
             out["celltype_asw_kept"] = out["celltype_asw"] / max(out["pca/celltype_asw"], 1e-9)
             out["batch_mixing_gain"] = out["batch_mixing"] - out["pca/batch_mixing"]
+            out["ilisi_gain"] = out["ilisi"] - out["pca/ilisi"]
             out["batch_asw_gain"] = out["batch_asw"] - out["pca/batch_asw"]
         return out
 
