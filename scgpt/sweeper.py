@@ -112,8 +112,12 @@ class OptunaJournalSweeper(Sweeper):
         self._save_results(study)
 
     def _open_study(self, arguments: list[str]):
-        import optuna
-
+        try:
+            import optuna
+            from optuna.storages.journal import JournalFileBackend  # noqa: F401 (optuna >= 4)
+        except ImportError:
+            raise ConfigError("hparams_search=optuna: needs optuna >= 4 (pip install 'optuna>=4', or the tracking "
+                              "extra; hydra-optuna-sweeper, which needs optuna < 3, is no longer used)") from None
         command = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         space, fixed = search_space(command)
         storage = open_storage(self.storage)
