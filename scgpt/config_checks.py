@@ -4,7 +4,7 @@ code does not know (with the closest real key), and the batch sizes derived from
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +28,10 @@ def check_model_types(model: Mapping[str, Any], heads: Mapping[str, Any]) -> Non
     vocabulary is known). ``auto`` values are filled from the data later."""
     if model.get("kind") == "vae":
         return
+    known = {f.name for f in fields(ModelConfig)}
+    for name in model:  # refused later by ModelConfig.from_mapping anyway: here, before any work, with a guess
+        if name not in known:
+            raise unknown_key("model", name, known)
     check_annotated_types(ModelConfig, {k: v for k, v in model.items() if v != "auto"}, "model")
     check_annotated_types(ModelConfig, {k: v for k, v in heads.items() if v != "auto"}, "task.model_heads")
 
@@ -153,3 +157,11 @@ def closest_hint(message: str, overrides: list[str], compose) -> str:
         return ""
     guess = closest(key, known)
     return f" Did you mean {guess}?" if guess else ""
+
+
+def without_append_hint(message: str) -> str:
+    """Hydra's "To append to your config use +a.b=1" invites a key no code reads (a model key is refused later,
+    a task key ignored): dropped where a close real key is suggested instead."""
+    import re
+
+    return re.sub(r"\s*To append to your config use \S+?\.(?=\s|$)", "", message)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_modules.datamodule import DataProgress
 from scgpt import crash
 from scgpt.config import ModelConfig
-from scgpt.config_checks import check_config, closest_hint, derive_batch_sizes, expand_sweeps
+from scgpt.config_checks import check_config, closest_hint, derive_batch_sizes, expand_sweeps, without_append_hint
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
 from scgpt.io import fail, rank_zero_logger
 from scgpt.io import write_json_atomic, write_text_atomic
@@ -306,7 +306,8 @@ def check_overrides(overrides: list[str]) -> None:
             cfg = compose("config", overrides=overrides)
         except (HydraException, OmegaConfBaseException) as exc:
             hint = closest_hint(str(exc), overrides, lambda others: compose("config", overrides=others))
-            raise ConfigError(f"command line: {one_line(str(exc))}{hint}") from None
+            message = without_append_hint(one_line(str(exc))) if hint else one_line(str(exc))
+            raise ConfigError(f"command line: {message}{hint}") from None
     try:
         check_config(cfg)  # types and ranges of every value (ConfigError names the key)
     except OmegaConfBaseException as exc:  # an interpolation that does not resolve

@@ -113,7 +113,7 @@ def test_cli_unknown_group_option_lists_the_available_ones(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("trainer.max_stepz=1", "Could not override 'trainer.max_stepz'. To append to your config use +trainer.max_stepz=1."),
+    ("trainer.max_stepz=1", "Could not override 'trainer.max_stepz'. Did you mean trainer.max_steps?"),
     ("trainer.max_steps=[1", "no viable alternative at input '[1'"),
 ])
 def test_cli_bad_override_is_one_line_and_exit_code_2(tmp_path, override, expected):
