@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scgpt.plots import MAP_METHODS, plot_cell_maps
 from scgpt.errors import ConfigError
+from scgpt.plots import MAP_METHODS, plot_cell_maps
 from scgpt.tasks.finetune import FinetuneTask, embedding_report
 
 
@@ -28,6 +28,13 @@ class IntegrationTask(FinetuneTask):
         if map_max_cells < 2:
             raise ConfigError(f"task.module.map_max_cells: {map_max_cells} must be at least 2")
         self.embedding_map, self.map_max_cells = embedding_map, map_max_cells
+
+    def forward(self, batch):
+        """The model's batch embedding, DSBN and DAB read ``labels["batch"]``: the ``task.batch_key`` column
+        (e.g. ``stim``) is passed under that name (without it a batch_key other than ``batch`` reached no head)."""
+        if self.batch_key and self.batch_key != "batch" and self.batch_key in batch.labels:
+            batch.labels["batch"] = batch.labels[self.batch_key]  # (B,) codes of the batch column
+        return super().forward(batch)
 
     def evaluate(self, arrays):
         out = embedding_report(arrays["emb"], arrays.get("expression"), self.labels_of(arrays, self.label_key),

@@ -38,6 +38,15 @@ def test_integration_with_dsbn_trains_on_single_domain_batches_and_reports_again
     assert (tmp_path / "plots" / "embedding.png").stat().st_size > 0
 
 
+def test_a_batch_key_other_than_batch_reaches_dsbn_and_dab(tmp_path):
+    # Kang's condition column is `stim`: here cell_type plays the batch (6 domains) and batch the label
+    summary = train(compose_config(tmp_path, *RUN, "task.batch_key=cell_type", "task.label_key=batch",
+                                   "trainer.max_steps=3", "trainer.val_check_interval=3"))
+    assert "dab" in summary["val"]
+    tracked = torch.load(summary["checkpoint"], weights_only=True)["state_dict"]["model.dsbn.num_batches_tracked"]
+    assert len(tracked) == 6 and int(tracked.sum()) == 3  # a domain per cell type; one single-type batch per step
+
+
 def test_integration_without_the_sampler_sees_mixed_batches(tmp_path):
     summary = train(compose_config(tmp_path, *RUN, "task.domain_key=null", "trainer.max_steps=3",
                                    "trainer.val_check_interval=3", "trainer.limit_val_batches=0"))
