@@ -57,8 +57,8 @@ from data_modules.collate import CellBatch, CellCollator, CollatorConfig  # noqa
 from original_scgpt import OriginalScGPT  # noqa: E402
 from scgpt.config import ModelConfig  # noqa: E402
 from scgpt.flops import count_flops, generated_per_cell, mfu, peak_tflops  # noqa: E402
-from scgpt.model.attention import (GPU_BACKENDS, VarlenAttention, build_attention_backend,  # noqa: E402
-                                   flash_attn_available, torch_flash_varlen_kernel, torch_varlen_kernel)
+from scgpt.model.attention import VarlenAttention, torch_flash_varlen_kernel, torch_varlen_kernel  # noqa: E402
+from scgpt.model.attention_backends import GPU_BACKENDS, build_attention_backend, flash_attn_available  # noqa: E402
 from scgpt.errors import ConfigError  # noqa: E402
 from scgpt.model.scgpt import ScGPTModel  # noqa: E402
 from scgpt.objectives import ObjectiveContext, build_objectives  # noqa: E402

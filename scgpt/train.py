@@ -23,7 +23,7 @@ from scgpt.config_checks import check_config, closest_hint, derive_batch_sizes, 
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
 from scgpt.io import fail, rank_zero_logger
 from scgpt.io import write_json_atomic, write_text_atomic
-from scgpt.model.attention import build_attention_backend
+from scgpt.model.attention_backends import build_attention_backend
 from scgpt.paths import config_dir
 from scgpt.distributed import build_strategy, check_resume, trainer_plugins, world_size
 from scgpt.preemption import PreemptionHandler, Preempted, newest_complete_checkpoint

@@ -11,7 +11,7 @@ The block mask depends only on the cells' lengths and generated tokens, so it is
 (in :meth:`FlexAttention.plan`) and shared by every layer. On CUDA the attention call is compiled
 (``torch.compile``: FlexAttention's Triton kernel, or its FLASH backend, CuTe DSL from the
 flash-attn-4 wheel, with ``flex_flash``). torch's FlexAttention has no backward on CPU, so
-:func:`scgpt.model.attention.build_attention_backend` offers it on CUDA only; CPU tests run its eager
+:func:`scgpt.model.attention_backends.build_attention_backend` offers it on CUDA only; CPU tests run its eager
 (math) path.
 """
 

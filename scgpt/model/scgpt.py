@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from scgpt.config import ModelConfig
-from scgpt.model.attention import AttentionBackend, build_attention_backend
+from scgpt.model.attention import AttentionBackend
+from scgpt.model.attention_backends import build_attention_backend
 from scgpt.model.dsbn import DomainSpecificBatchNorm
 from scgpt.model.embeddings import InputEmbedding
 from scgpt.model.encoder import TransformerEncoder

@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scgpt.model.attention import (
-    ReferenceAttention,
-    SdpaAttention,
-    VarlenAttention,
-    build_attention_backend,
-    flash_attn_available,
-    torch_varlen_kernel,
-)
-from scgpt.model.attention import GPU_BACKENDS, cudnn_unavailable, fa4_unavailable, flex_unavailable
+from scgpt.model.attention import ReferenceAttention, SdpaAttention, VarlenAttention, torch_varlen_kernel
+from scgpt.model.attention_backends import (GPU_BACKENDS, build_attention_backend, cudnn_unavailable,
+                                            fa4_unavailable, flash_attn_available, flex_unavailable)
 from scgpt.model.flex_attention import FlexAttention
 from scgpt.model.layout import pack_padded
 from scgpt.model.varlen_kernels import fold_lse_gradient, reference_flash_kernel

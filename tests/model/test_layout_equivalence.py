@@ -9,8 +9,8 @@ import torch
 
 from data_modules.collate import CellCollator, CollatorConfig
 from scgpt.model import ScGPTModel
-from scgpt.model.attention import (ReferenceAttention, SdpaAttention, VarlenAttention, flash_attn_available,
-                                   length_groups, torch_varlen_kernel)
+from scgpt.model.attention import ReferenceAttention, SdpaAttention, VarlenAttention, length_groups, torch_varlen_kernel
+from scgpt.model.attention_backends import flash_attn_available
 from scgpt.model.varlen_kernels import reference_flash_kernel
 from scgpt.objectives import ObjectiveContext, build_objectives
 
@@ -152,7 +152,7 @@ def test_packed_matches_padded_on_gpu(name, generative_fraction):
     fp32 reference attention on padded cells, within bf16 tolerance."""
     if name == "flash_attn" and not flash_attn_available():
         pytest.skip("needs a FlashAttention varlen kernel (flash-attn or torch >= 2.10)")
-    from scgpt.model.attention import build_attention_backend, cudnn_unavailable, fa4_unavailable, flex_unavailable
+    from scgpt.model.attention_backends import build_attention_backend, cudnn_unavailable, fa4_unavailable, flex_unavailable
 
     reason = {"flash_attn4": fa4_unavailable, "cudnn": cudnn_unavailable, "flex": flex_unavailable,
               "flex_flash": lambda: flex_unavailable(flash=True)}.get(name, lambda: None)()
@@ -175,7 +175,7 @@ def test_packed_matches_padded_on_gpu(name, generative_fraction):
 @pytest.mark.gpu
 @pytest.mark.skipif(not flash_attn_available(), reason="needs CUDA and a FlashAttention varlen kernel")
 def test_compiled_flash_attn_packed_matches_reference_on_gpu():
-    from scgpt.model.attention import build_attention_backend
+    from scgpt.model.attention_backends import build_attention_backend
 
     batches = {k: _to_cuda(v) for k, v in _batches().items()}
     ref_terms, ref_grads = _loss_and_grads(ReferenceAttention(), batches["padded"], device="cuda")
