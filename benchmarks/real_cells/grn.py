@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from train_runs import train_logged
 
 from scgpt.errors import DataError
 from scgpt.io import OneLineArgumentParser, fail, write_json_atomic, write_text_atomic
@@ -50,16 +51,8 @@ def run_grn(name: str, reference: Path, run_dir: Path, checkpoint: Path, store: 
     """(summary, reference sizes) of scgpt-train experiment=kang_grn with the reference (run unless done)."""
     log = run_dir.with_suffix(".log")
     if force or not (run_dir / "summary.json").exists():
-        command = [sys.executable, "-m", "scgpt.train", "experiment=kang_grn", f"data.paths=[{store}]",
-                   f"init_from={checkpoint}", f"task.reference_edges={reference}", f"run_dir={run_dir}",
-                   "logger=none", *extra]
-        print(f"# {name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as out:
-            code = subprocess.run(command, check=False, stdout=out, stderr=subprocess.STDOUT).returncode
-        if code != 0:
-            last = (log.read_text().strip().splitlines() or ["?"])[-1]
-            raise DataError(f"{name}: scgpt-train exited {code} ({last}); see {log}")
+        train_logged(name, ["experiment=kang_grn", f"data.paths=[{store}]", f"init_from={checkpoint}",
+                            f"task.reference_edges={reference}", f"run_dir={run_dir}", "logger=none", *extra], log)
     found = re.search(r"restricted to (\d+) detected genes, (\d+) edges, (\d+) regulators", log.read_text()) \
         if log.exists() else None
     sizes = dict(zip(("genes", "edges", "regulators"), map(int, found.groups()))) if found else {}

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from train_runs import train_logged
 
 from scgpt.errors import DataError
 from scgpt.io import OneLineArgumentParser, fail, write_json_atomic, write_text_atomic
@@ -66,18 +67,11 @@ def train_held_out(store: Path, held_out: str, run_dir: Path, steps: int, lr: fl
     summary = run_dir / "summary.json"
     if summary.exists() and not force and _same_settings(run_dir, steps, lr):
         return json.loads(summary.read_text())
-    command = [sys.executable, "-m", "scgpt.train", "experiment=kang_response", f"data.paths=[{store}]",
-               f"task.data_module.heldout_groups=[{held_out}]", f"run_dir={run_dir}", "logger=none",
-               f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-               f"checkpoint.every_n_train_steps={steps}", f"task.optimizer.lr={lr}"]
-    print(f"# {held_out}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
-    log = run_dir.with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        code = subprocess.run(command, check=False, stdout=out, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        last = (log.read_text().strip().splitlines() or ["?"])[-1]
-        raise DataError(f"{held_out}: scgpt-train exited {code} ({last}); see {log}")
+    train_logged(held_out, ["experiment=kang_response", f"data.paths=[{store}]",
+                            f"task.data_module.heldout_groups=[{held_out}]", f"run_dir={run_dir}", "logger=none",
+                            f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+                            f"checkpoint.every_n_train_steps={steps}", f"task.optimizer.lr={lr}"],
+                 run_dir.with_suffix(".log"))
     return json.loads(summary.read_text())
 
 

@@ -27,7 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fetch import FetchError, default_cache
 from stores import build_stores
+from train_runs import train_logged
 
+from scgpt.errors import DataError
 from scgpt.io import error_line, write_json_atomic
 
 LABEL, CONDITION, TRAIN, TEST = "seurat_annotations", "stim", "CTRL", "STIM"
@@ -58,13 +60,10 @@ def run_recipe(name: str, overrides: list[str], runs: Path, force: bool) -> dict
     run_dir = runs / name
     summary, timing = run_dir / "summary.json", run_dir / "runner.json"
     if force or not summary.exists():
-        command = ["scgpt-train", *overrides, f"run_dir={run_dir}"]
-        print(" ".join(command), file=sys.stderr)
+        command = [*overrides, f"run_dir={run_dir}"]
         start = time.perf_counter()
-        with open(runs / f"{name}.log", "w") as log:
-            if subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                raise FetchError(f"{name}: scgpt-train failed; see {runs / f'{name}.log'}")
-        write_json_atomic(timing, {"wall_s": time.perf_counter() - start, "command": command})
+        train_logged(name, command, runs / f"{name}.log")
+        write_json_atomic(timing, {"wall_s": time.perf_counter() - start, "command": ["scgpt-train", *command]})
     out = json.loads(summary.read_text())
     out["wall_s"] = json.loads(timing.read_text())["wall_s"] if timing.exists() else None
     return out
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             row["minutes"] = row.pop("wall_s") / 60
         zs = zero_shot(cache, runs, args.force)
         zs["minutes"] = zs.pop("wall_s") / 60
-    except FetchError as e:
+    except (FetchError, DataError) as e:
         print(error_line(e), file=sys.stderr)
         return 2
     annotation, integration = annotation_rows(results, base, zs), integration_rows(results)
