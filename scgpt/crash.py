@@ -200,7 +200,10 @@ def describe(exc: BaseException, run: RunInfo) -> tuple[str, str, str] | None:
 # The line and the log
 # ------------------------------------------------------------------------------------------------
 def resume_command(run: RunInfo, checkpoint: Path) -> str:
-    return shlex.join(["scgpt-train", *run.overrides, f"ckpt_path={checkpoint}"])
+    """The run's own command from ``checkpoint``, in the same run directory (Hydra's overrides leave out
+    ``hydra.run.dir``, so it is named unless ``run_dir=`` already is)."""
+    same_dir = [] if any(a.startswith("run_dir=") for a in run.overrides) else [f"hydra.run.dir={run.run_dir}"]
+    return shlex.join(["scgpt-train", *run.overrides, *same_dir, f"ckpt_path={checkpoint}"])
 
 
 def checkpoint_clause(run: RunInfo, naming: str = "newest") -> str:

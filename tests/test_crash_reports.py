@@ -87,7 +87,20 @@ def _named_checkpoint_loads(line: str) -> tuple[Path, int]:
     path, step = Path(found.group(1)), int(found.group(2))
     assert checkpoint_step(path) == step and step > 0, line
     assert re.search(rf"resume with scgpt-train .* ckpt_path={re.escape(str(path))}( \(traceback|$)", line), line
+    assert f" hydra.run.dir={path.parent.parent} " in line, line  # resumes in the same run directory
     return path, step
+
+
+def test_resume_command_continues_in_the_same_run_directory(tmp_path):
+    from scgpt import crash
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    default_dir = crash.RunInfo(tmp_path / "run", ["trainer=debug"], 1)
+    assert crash.resume_command(default_dir, checkpoint) == (
+        f"scgpt-train trainer=debug hydra.run.dir={tmp_path / 'run'} ckpt_path={checkpoint}")
+    named_dir = crash.RunInfo(tmp_path / "run", ["trainer=debug", f"run_dir={tmp_path / 'run'}"], 1)
+    assert crash.resume_command(named_dir, checkpoint) == (
+        f"scgpt-train trainer=debug run_dir={tmp_path / 'run'} ckpt_path={checkpoint}")
 
 
 def test_a_bug_is_not_taken_for_an_outside_fault(tmp_path):
@@ -238,7 +251,7 @@ def test_truncated_ckpt_path_is_named_incomplete_with_the_newest_complete_one_be
     assert code == 2, line
     assert line == (f"error: ckpt_path={directory / 'last.ckpt'}: incomplete checkpoint (cut off while being "
                     f"written, or damaged); the newest complete checkpoint in {directory} is {newest} (step 4): "
-                    f"resume with scgpt-train {' '.join(FAST)} ckpt_path={newest}")
+                    f"resume with scgpt-train {' '.join(FAST)} hydra.run.dir={run_dir} ckpt_path={newest}")
     assert torch.load(newest, weights_only=True)["global_step"] == 4
 
 
