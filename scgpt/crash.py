@@ -202,8 +202,26 @@ def describe(exc: BaseException, run: RunInfo) -> tuple[str, str, str] | None:
 def resume_command(run: RunInfo, checkpoint: Path) -> str:
     """The run's own command from ``checkpoint``, in the same run directory (Hydra's overrides leave out
     ``hydra.run.dir``, so it is named unless ``run_dir=`` already is)."""
+    return shlex.join(["scgpt-train", *run.overrides, *_resume_overrides(run, checkpoint)])
+
+
+def _resume_overrides(run: RunInfo, checkpoint: Path) -> list[str]:
     same_dir = [] if any(a.startswith("run_dir=") for a in run.overrides) else [f"hydra.run.dir={run.run_dir}"]
-    return shlex.join(["scgpt-train", *run.overrides, *same_dir, f"ckpt_path={checkpoint}"])
+    return [*same_dir, f"ckpt_path={checkpoint}"]
+
+
+def in_slurm_batch_job() -> bool:
+    """Started by a SLURM batch job (sbatch + srun), not in an interactive allocation (as Lightning tells them)."""
+    return "SLURM_JOB_ID" in os.environ and os.environ.get("SLURM_JOB_NAME") not in (None, "bash", "interactive")
+
+
+def how_to_resume(run: RunInfo, checkpoint: Path) -> str:
+    """'resume with scgpt-train ...', or in a SLURM batch job (whose script adds its own launch overrides)
+    'resume by resubmitting the job with ... added to its arguments'."""
+    if in_slurm_batch_job():
+        return f"resume by resubmitting the job (sbatch) with {shlex.join(_resume_overrides(run, checkpoint))} " \
+               "added to its arguments"
+    return f"resume with {resume_command(run, checkpoint)}"
 
 
 def checkpoint_clause(run: RunInfo, naming: str = "newest") -> str:
@@ -215,7 +233,7 @@ def checkpoint_clause(run: RunInfo, naming: str = "newest") -> str:
     step = checkpoint_step(newest)
     where = (f"the previous checkpoint {newest} (step {step}) is intact" if naming == "intact"
              else f"the newest complete checkpoint is {newest} (step {step})")
-    return f"{where}: resume with {resume_command(run, newest)}"
+    return f"{where}: {how_to_resume(run, newest)}"
 
 
 def write_traceback(run: RunInfo, exc: BaseException | None, note: str = "") -> Path:
@@ -251,7 +269,7 @@ def compose(exc: BaseException, run: RunInfo) -> str | None:
     if isinstance(exc, IncompleteCheckpoint):
         if exc.newest is None:
             return error_line(exc)
-        return f"{error_line(exc)}: resume with {resume_command(run, exc.newest)}"
+        return f"{error_line(exc)}: {how_to_resume(run, exc.newest)}"
     described = describe(exc, run)
     if described is not None:
         what, todo, naming = described

@@ -91,6 +91,20 @@ def _named_checkpoint_loads(line: str) -> tuple[Path, int]:
     return path, step
 
 
+def test_in_a_slurm_batch_job_the_resume_is_a_resubmission_with_the_checkpoint(tmp_path, monkeypatch):
+    from scgpt import crash
+
+    run = crash.RunInfo(tmp_path / "slurm-7", ["task=pretrain", "trainer.num_nodes=2"], 2)
+    checkpoint = tmp_path / "slurm-7" / "checkpoints" / "last.ckpt"
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_JOB_NAME", "scgpt-pretrain")
+    assert crash.how_to_resume(run, checkpoint) == (
+        f"resume by resubmitting the job (sbatch) with hydra.run.dir={tmp_path / 'slurm-7'} ckpt_path={checkpoint} "
+        "added to its arguments")
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: the command itself
+    assert crash.how_to_resume(run, checkpoint).startswith("resume with scgpt-train task=pretrain trainer.num_nodes=2 ")
+
+
 def test_resume_command_continues_in_the_same_run_directory(tmp_path):
     from scgpt import crash
 
