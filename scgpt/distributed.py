@@ -162,8 +162,13 @@ class DeepSpeedStrategy(_LightningDeepSpeed):  # type: ignore[misc,valid-type]
         if self.is_global_zero and staging.exists():
             shutil.rmtree(staging)
         self.barrier("scgpt.deepspeed.stage")
-        super().save_checkpoint(checkpoint, staging, storage_options)
-        self.barrier("scgpt.deepspeed.saved")
+        try:
+            super().save_checkpoint(checkpoint, staging, storage_options)
+            self.barrier("scgpt.deepspeed.saved")
+        except BaseException:
+            if self.is_global_zero:  # a rank failed to write (a full disk) or died: never leave half a checkpoint
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         if self.is_global_zero:
             replace_directory(staging, final)
         self.barrier("scgpt.deepspeed.renamed")

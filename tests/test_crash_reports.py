@@ -233,6 +233,44 @@ def _inject_disk_full() -> None:
     checkpoints.open = filling_open
 
 
+# every rank's torch.save into the staging directory of a DeepSpeed checkpoint fails once last.ckpt exists
+_FULL_DISK_ON_DEEPSPEED_RESAVE = """
+import errno, os
+from pathlib import Path
+import torch
+_save = torch.save
+def _filling_save(obj, f, *args, **kwargs):
+    path = Path(str(f)) if isinstance(f, (str, os.PathLike)) else None
+    staging = next((p for p in (path.parents if path else []) if p.name == ".last.ckpt.tmp"), None)
+    if staging is not None and (staging.parent / "last.ckpt").is_dir():
+        path.write_bytes(b"0123456789")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return _save(obj, f, *args, **kwargs)
+torch.save = _filling_save
+"""
+
+
+@needs_deepspeed
+def test_full_disk_during_a_deepspeed_save_keeps_the_previous_checkpoint_and_no_half_written_one(tmp_path):
+    from scgpt.distributed import deepspeed_checkpoint_info
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_FULL_DISK_ON_DEEPSPEED_RESAVE)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
+    run_dir = tmp_path / "run"
+    args = [*FAST, *ENDLESS, "strategy=deepspeed_zero2", "trainer.devices=2", "data.block_size=16",
+            "data.global_batch_size=32"]
+    code, line = _finish(_start(run_dir, args, env=env), run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert code == 2, line
+    assert line.startswith(f"error: no space left on device writing {last.parent / '.last.ckpt.tmp'}/"), line
+    assert f"the previous checkpoint {last} (step 2) is intact: resume with scgpt-train " in line
+    _named_checkpoint_loads(line)
+    assert deepspeed_checkpoint_info(last)["global_step"] == 2
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # the half-written one is gone
+
+
 def test_full_disk_while_rewriting_last_ckpt_names_the_path_and_keeps_the_previous_one(tmp_path):
     run_dir = tmp_path / "run"
     code, line = _finish(_start(run_dir, [*FAST, *ENDLESS], driver="disk_full"), run_dir)
