@@ -161,6 +161,34 @@ def test_killed_rank_ends_the_run_with_one_line_naming_it_and_the_checkpoint(tmp
     assert "Traceback" in log and "Traceback" not in (tmp_path / "stderr.txt").read_text()
 
 
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan rank is reaped by init, not by this process)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_killed_rank_zero_leaves_rank_one_to_name_it_and_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, [*FAST, *ENDLESS, "strategy=ddp", "trainer.devices=2", "data.block_size=16",
+                            "data.global_batch_size=32"])
+    _wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    time.sleep(2)
+    (rank1,) = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # rank 0, the process Lightning started rank 1 from
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while _running(rank1):
+        assert time.monotonic() < deadline, "rank 1 did not exit within 60 s of rank 0's death (it hangs)"
+        time.sleep(0.2)
+    line = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
+    assert line.startswith("error: rank 0 of 2 stopped and rank 1 lost it in a collective; "), line
+    _named_checkpoint_loads(line)
+
+
 def _stuck_rank_zero(run_dir: str) -> None:
     """Rank 0 blocked for good in a collective (no error comes) when its child rank 1 dies."""
     from scgpt import crash
