@@ -207,3 +207,45 @@ def test_preempted_job_checkpoints_requeues_resumes_and_ends_with_the_uninterrup
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------
+# An Optuna sweep whose trials are SLURM jobs (launcher=slurm: the Hydra submitit launcher)
+# ------------------------------------------------------------------------------------------------
+SWEEP = ["-m", "hparams_search=optuna", "launcher=slurm", "trainer=cpu", "model=tiny", "logger=none", *SMALL_DATA,
+         "data.block_size=16", "trainer.max_steps=10", "trainer.val_check_interval=10",
+         "trainer.enable_progress_bar=false", "hydra.sweeper.n_jobs=2", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.gpus_per_node=0", "hydra.launcher.timeout_min=10"]
+
+
+def _sweep(workdir: Path, n_trials: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scgpt.train", *SWEEP, f"hydra.sweeper.n_trials={n_trials}",
+                           f"hydra.sweep.dir={workdir / 'sweep'}"], cwd=workdir, env=_env(workdir),
+                          capture_output=True, text=True, timeout=400, check=False)
+
+
+def _slurm_tasks_with_results(sweep: Path) -> list[str]:
+    """The SLURM job (array task) ids submitit ran for the sweep and got a result back from."""
+    return sorted(p.name for p in (sweep / ".submitit").iterdir() if any(p.glob("*_result.pkl")))
+
+
+def test_optuna_sweep_runs_its_trials_as_slurm_jobs_and_the_same_command_continues_the_study(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from test_sweeps import _study
+
+    first = _sweep(tmp_path, n_trials=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert len(_slurm_tasks_with_results(sweep)) == 2  # one SLURM (array) task per trial, each returned
+    first_trials = _study(sweep).trials
+    assert [t.state.name for t in first_trials] == ["COMPLETE", "COMPLETE"]
+    for trial in first_trials:  # each value is its job's validation metric
+        summary = json.loads((sweep / str(trial.number) / "summary.json").read_text())
+        assert trial.value == pytest.approx(summary["val"]["masked_mse"])
+
+    again = _sweep(tmp_path, n_trials=3)  # the same sweep, one trial more: only that one runs
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = _study(sweep).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert [t.params for t in trials[:2]] == [t.params for t in first_trials]  # the first two not run again
+    assert len(_slurm_tasks_with_results(sweep)) == 3
