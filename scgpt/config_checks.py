@@ -159,6 +159,30 @@ def closest_hint(message: str, overrides: list[str], compose) -> str:
     return f" Did you mean {guess}?" if guess else ""
 
 
+def check_appended_task_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """``+task.lable_key=x`` appends a key no code reads, as tasks take keys of their own (``task`` is not a
+    strict section): refused where the key it adds is close to one that was already there (a new key with no
+    near neighbour is a task's own, and stays)."""
+    from scgpt.config_schema import closest, dotted
+
+    for override in overrides:
+        if not override.startswith("+task.") or override.startswith("++"):  # '++' may override an existing key
+            continue
+        *parents, name = override[1:].split("=", 1)[0].split(".")
+        if parents == ["task", "objectives"]:  # the task refuses an unknown objective itself, naming the choices
+            continue
+        node = OmegaConf.select(cfg, ".".join(parents))
+        existing = {str(k) for k in node.keys()} - {name} if isinstance(node, DictConfig) else set()
+        shared = {f.name for f in fields(TaskConfig)} if parents == ["task"] else set()  # any task may take them
+        if name in shared:
+            continue
+        guess = closest(name, existing | shared)
+        if guess:  # an existing key is set as it is; a shared one this task's config leaves out is appended
+            parent = ".".join(parents)
+            fix = dotted(parent, guess) if guess in existing else f"+{dotted(parent, guess)}"
+            raise ConfigError(f"{dotted(parent, name)}: unknown key; did you mean {fix}?")
+
+
 def without_append_hint(message: str) -> str:
     """Hydra's "To append to your config use +a.b=1" invites a key no code reads (a model key is refused later,
     a task key ignored): dropped where a close real key is suggested instead."""

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from data_modules.datamodule import DataProgress
 from scgpt import crash
 from scgpt.config import ModelConfig
-from scgpt.config_checks import check_config, closest_hint, derive_batch_sizes, expand_sweeps, without_append_hint
+from scgpt.config_checks import (check_appended_task_keys, check_config, closest_hint, derive_batch_sizes,
+                                 expand_sweeps, without_append_hint)
 from scgpt.errors import CheckpointError, ConfigError, ScgptError
 from scgpt.io import fail, rank_zero_logger
 from scgpt.io import write_json_atomic, write_text_atomic
@@ -310,6 +311,7 @@ def check_overrides(overrides: list[str]) -> None:
             raise ConfigError(f"command line: {message}{hint}") from None
     try:
         check_config(cfg)  # types and ranges of every value (ConfigError names the key)
+        check_appended_task_keys(cfg, overrides)
     except OmegaConfBaseException as exc:  # an interpolation that does not resolve
         raise ConfigError(f"command line: {one_line(str(exc))}") from None
 

@@ -77,11 +77,18 @@ def test_help_lists_the_config_groups_and_no_sweep_group(tmp_path):
     ("+data.block_sise=64", "data.block_sise: unknown key; did you mean data.block_size?"),
     ("+trainer.max_stepz=3", "trainer.max_stepz: unknown key; did you mean trainer.max_steps?"),
     ("+model.d_modle=64", "model.d_modle: unknown key; did you mean model.d_model?"),  # was refused after data loading
+    ("+task.lable_key=cell_type", "task.lable_key: unknown key; did you mean +task.label_key?"),  # was ignored
+    ("+task.optimizer.weight_decy=0.1", "task.optimizer.weight_decy: unknown key; did you mean "
+                                        "task.optimizer.weight_decay?"),
 ])
 def test_every_section_checks_type_and_range_naming_the_key(override, message):
     with pytest.raises(ConfigError) as refused:
         check_overrides([override])
     assert str(refused.value).startswith(message)
+
+
+def test_a_new_task_key_with_no_near_neighbour_is_kept_for_the_task():
+    check_overrides(["+task.my_option=3", "++task.generative_fraction=0.3"])
 
 
 def test_the_data_checks_follow_the_data_module_arguments():
@@ -96,7 +103,7 @@ def test_the_data_checks_follow_the_data_module_arguments():
 def _apply(overrides: list[str], message: str) -> list[str]:
     """The command line with the error's suggestion applied: 'did you mean KEY' renames the misspelt key,
     'Did you mean group=option' and 'set key=value' replace that override."""
-    rename = re.search(r"(?:'|^)\+?([\w.]+)[:'].*[Dd]id you mean ([\w.]+)\?$", message)
+    rename = re.search(r"(?:'|^)\+?([\w.]+)[:'].*[Dd]id you mean (\+?[\w.]+)\?$", message)
     choice = re.search(r"Did you mean (\w+)=(\w+)\?$", message)
     setting = re.search(r"; set ([\w.]+)=(\S+)$", message)
     if choice:
@@ -108,7 +115,8 @@ def _apply(overrides: list[str], message: str) -> list[str]:
 
 
 @pytest.mark.parametrize("override", ["trainer=debugg", "model=tinny", "model.d_modle=64", "trainer.max_step=3",
-                                      "+data.block_sise=64", "+trainer.max_stepz=3", "+model.d_modle=64"])
+                                      "+data.block_sise=64", "+trainer.max_stepz=3", "+model.d_modle=64",
+                                      "+task.lable_key=cell_type"])
 def test_a_misspelt_key_or_option_suggests_one_that_works(override):
     with pytest.raises(ConfigError, match="[Dd]id you mean") as refused:
         check_overrides([override])
