@@ -80,6 +80,23 @@ def list_of(item: Rule, *, none: bool = False) -> Rule:
                 (isinstance(v, (list, tuple)) and all(item.valid(x) for x in v)))
 
 
+@dataclass(frozen=True)
+class MappingOf(Rule):
+    """A mapping whose every value follows ``item``; a bad entry is named by its own key (``task.objectives.gep``)."""
+
+    item: Rule = None
+
+    def check(self, key: str, value: Any) -> None:
+        super().check(key, value)
+        for name, entry in value.items():
+            self.item.check(f"{key}.{name}", entry)
+
+
+def mapping_of(item: Rule) -> Rule:
+    return MappingOf(f"a mapping {{name: {item.accepts.removeprefix('a ').removeprefix('an ')}}}",
+                     lambda v: isinstance(v, Mapping), item)
+
+
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 TEXT = Rule("a string", lambda v: isinstance(v, str))
 TEXT_OR_NULL = Rule("a string (or null)", lambda v: v is None or isinstance(v, str))
@@ -253,8 +270,7 @@ class TaskConfig(Section):
     module: Any = rule(None, MAPPING)
     data_module: Any = rule(None, MAPPING_OR_NULL)
     model_heads: Any = rule(None, MAPPING_OR_NULL)
-    objectives: Any = rule(None, Rule("a mapping {objective: weight >= 0}", lambda v: isinstance(v, Mapping) and
-                                      all(_is_number(w) and w >= 0 for w in v.values())))
+    objectives: Any = rule(None, mapping_of(number(0)))  # {objective: weight >= 0}
     objective_options: Any = rule(None, MAPPING_OR_NULL)
     freeze: FreezeConfig | None = rule(None, FreezeConfig)
     init_skip: list = rule((), list_of(TEXT))

@@ -70,7 +70,7 @@ def test_help_lists_the_config_groups_and_no_sweep_group(tmp_path):
     ("model.n_layers=two", "model.n_layers: 'two' is not an integer (e.g. model.n_layers=12)"),
     ("trainer.precision=8", "trainer.precision: 8 is not one of 32-true, bf16-mixed"),
     ("trainer.devices=0", "trainer.devices: 0 is not an integer >= 1, or -1 (all) or one of auto"),
-    ("task.objectives.gep=-1", "task.objectives: {"),
+    ("task.objectives.gep=-1", "task.objectives.gep: -1 is not a number >= 0"),  # was the whole mapping
     ("task.optimizer.lr=-0.1", "task.optimizer.lr: -0.1 is not a number >= 0"),
     ("seed=-3", "seed: -3 is not an integer >= 0"),
     ("checkpoint.every_n_train_steps=0", "checkpoint.every_n_train_steps: 0 is not an integer >= 1"),
