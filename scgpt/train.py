@@ -103,6 +103,16 @@ def _check_resume(ckpt_path: str | None) -> str | None:
     return str(ckpt_path)
 
 
+def resume_mismatch(exc: RuntimeError, resume: str, auto: bool, run_dir: Path) -> CheckpointError:
+    """Lightning's 'Error(s) in loading state_dict' (a checkpoint of another model) as one line: most often a
+    run_dir reused for another model, whose newest checkpoint auto-resume picked up."""
+    details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    first = details[0].rstrip(".") if details else "its weights do not fit"
+    fix = (f"run it in a new directory (auto-resume took the newest checkpoint of {run_dir}), or resume with the "
+           "model settings that run had" if auto else "resume with the model settings it was trained with")
+    return CheckpointError(f"ckpt_path={resume}: holds another model than this run's ({first}); {fix}")
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets our own errors through: Hydra wraps exceptions raised in a
     constructor in an InstantiationException, which would turn a one-line ConfigError into a traceback."""
@@ -130,6 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns (and writes) the run summary."""
     run_dir = Path(cfg.run_dir)
     resume = _check_resume(cfg.get("ckpt_path"))
+    auto = resume is None
     if resume is None and cfg.get("auto_resume", True):  # a requeued job: continue where it stopped
         resume = newest_complete_checkpoint(run_dir)
         if resume is not None:
@@ -167,10 +178,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           accumulate_grad_batches=accumulate, default_root_dir=str(run_dir),
                           enable_checkpointing=bool(cfg.checkpoint.get("keep_all")),  # last.ckpt: LastCheckpoint
                           plugins=[AtomicCheckpointIO(), *trainer_plugins()])
+    config_file = run_dir / "config.yaml"
+    previous_config = config_file.read_text() if resume is not None and config_file.is_file() else None
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))  # no API key in any saved file
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        write_text_atomic(config_file, OmegaConf.to_yaml(OmegaConf.create(resolved)))
         if logger:
             logger.log_hyperparams(resolved)
     started = time.perf_counter()
@@ -182,6 +195,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.validate(task, datamodule=datamodule)
         val = _metrics(trainer, "val")
         test = _run_test(trainer, task, datamodule)  # data.test_split: the held-out cells, once, at the end
+    except RuntimeError as exc:
+        if resume is None or "Error(s) in loading state_dict" not in str(exc):
+            raise
+        if previous_config is not None and trainer.is_global_zero:  # the run that wrote the checkpoint keeps its config
+            write_text_atomic(config_file, previous_config)
+        raise resume_mismatch(exc, resume, auto, run_dir) from None
     except Preempted as stop:  # checkpoint saved (and SLURM job requeued): report and end
         preempted = stop
         val = _metrics(trainer, "val")

@@ -59,6 +59,22 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
     assert resumed["resumed_from"] == first["checkpoint"]
 
 
+def test_a_run_dir_reused_for_another_model_is_refused_in_one_line_and_keeps_its_config(tmp_path):
+    """Auto-resume picks up the newest checkpoint of the run directory; one of another model was a 'size
+    mismatch' traceback, and the new run had overwritten the directory's config.yaml."""
+    train(compose_config(tmp_path, *FAST))
+    config_before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(CheckpointError) as refused:
+        train(compose_config(tmp_path, *FAST, "model.d_model=32", "trainer.max_steps=8"))
+    message = str(refused.value)
+    assert message.startswith(f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}: holds another model than this "
+                              "run's (size mismatch for model."), message
+    assert message.endswith(f"run it in a new directory (auto-resume took the newest checkpoint of {tmp_path}), "
+                            "or resume with the model settings that run had")
+    assert "\n" not in message
+    assert (tmp_path / "config.yaml").read_text() == config_before
+
+
 def test_resume_from_missing_checkpoint_names_it(tmp_path):
     with pytest.raises(CheckpointError, match="ckpt_path=.*nope.ckpt"):
         train(compose_config(tmp_path, *FAST, f"ckpt_path={tmp_path / 'nope.ckpt'}"))
