@@ -124,11 +124,14 @@ class TokenLayout:
             return torch.ones(self.n_tokens, dtype=torch.bool, device=self.device)
         return ~self.padding_mask
 
+    @property
+    def first_positions(self) -> Tensor:
+        """(B,) packed position of each cell's first token, its ``<cls>`` (known, so first in known-first)."""
+        return (self.cu_known if self.is_known_first else self.cu_seqlens)[:-1].long()
+
     def first_tokens(self, x: Tensor) -> Tensor:
         """The ``<cls>`` position of each cell: (B, L, D) or (T, D) -> (B, D)."""
-        if not self.is_packed:
-            return x[:, 0]
-        return x[(self.cu_known if self.is_known_first else self.cu_seqlens)[:-1].long()]
+        return x[self.first_positions] if self.is_packed else x[:, 0]
 
     def weighted_mean(self, x: Tensor, weights: Tensor) -> Tensor:
         """Per-cell mean of token states weighted by ``weights`` (zero at padding) -> (B, D)."""
