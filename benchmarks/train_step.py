@@ -25,8 +25,10 @@ other processes falls on all alike):
 Prints one JSON object per line: ``collate`` per (shape, layout), ``train_step`` per (shape, variant)
 with seconds per step (median and fastest), cells/s, real tokens/s and model TFLOP/s (scgpt.flops:
 real tokens only, 3 x forward), ``skipped`` notes, and a final ``summary`` with, per shape,
-``speedup_vs_original`` (original/padded median s/step over the variant's) and ``speedup_vs_padded``
-(the same backend's padded median over the variant's), plus the same ratios of the fastest steps.
+``speedup_vs_original`` (original/padded median s/step over the variant's), ``speedup_vs_padded`` and
+``speedup_vs_packed`` (the same backend's padded / packed median over the variant's), plus the same ratios
+of the fastest steps. ``--layouts padded,packed,packed_known_first`` adds the known-first packed layout
+(every cell's known tokens, then every cell's generated ones; ``speedup_vs_packed`` compares it with packed).
 
 Commands recorded in BENCHMARKS.md (CPU; --threads 1 because the 2-core machine is shared):
     python benchmarks/train_step.py --shapes tiny --backends sdpa,reference,torch_varlen,flash_attn --batch-size 32 --steps 20 --warmup 2 --threads 1
@@ -69,7 +71,7 @@ SHAPES = {  # dropout is each shape's default (conf/model/tiny.yaml, conf/model/
     "whole_human": dict(d_model=512, n_layers=12, n_heads=8, d_hid=512, max_seq_len=1200, n_bins=51, dropout=0.2),
 }
 BACKENDS = ("sdpa", "reference", "flash_attn", "torch_varlen", "flash_attn_lse_call", *GPU_BACKENDS)
-LAYOUTS = ("padded", "packed")
+LAYOUTS = ("padded", "packed", "packed_known_first")
 EXTRAS = ("compile", "checkpointing", "fused_adamw")
 OBJECTIVE_WEIGHTS = {"gep": 1.0, "gen": 1.0, "mvc": 1.0}
 N_SPECIALS = 3  # <pad>, <cls>, <eoc> follow the genes, as in GeneVocab.from_genes
@@ -100,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", type=_csv(tuple(SHAPES)), default=["tiny"])
     p.add_argument("--n-layers", type=int, default=None, help="override the shape's encoder depth")
     p.add_argument("--backends", type=_csv(BACKENDS), default=["sdpa", "reference"])
-    p.add_argument("--layouts", type=_csv(LAYOUTS), default=list(LAYOUTS))
+    p.add_argument("--layouts", type=_csv(LAYOUTS), default=["padded", "packed"],
+                   help="packed_known_first: every cell's known tokens, then every cell's generated ones")
     p.add_argument("--extras", type=_extras, default=[],
                    help="extra packed variants per backend; '+' combines options, e.g. compile+fused_adamw")
     p.add_argument("--no-original", action="store_true", help="leave out the original-architecture baseline")
@@ -364,7 +367,7 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
     cells = synthetic_cells(rng, args.batch_size * (args.warmup + args.steps), args.vocab_size - N_SPECIALS,
                             shape["max_seq_len"] - 1, args.min_frac, args.max_frac)
     batches = {}
-    for layout in LAYOUTS:  # both always: padded feeds the baseline and gives the token counts
+    for layout in dict.fromkeys(["padded", "packed", *args.layouts]):  # padded feeds the baseline and the token counts
         batches[layout], seconds = collate(args, shape, layout, cells)
         emit(dict(kind="collate", shape=shape_name, layout=layout, cells=len(cells),
                   cells_per_s=len(cells) / seconds, **common))
@@ -394,16 +397,15 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
     return results
 
 
-def ratios(results: dict[str, list[float]], reduce) -> tuple[dict[str, float], dict[str, float]]:
-    """(vs the original baseline, vs the same backend padded) of ``reduce`` (median or min) seconds."""
-    vs_original, vs_padded = {}, {}
+def ratios(results: dict[str, list[float]], reduce, against: str = "padded") -> dict[str, float]:
+    """Speed-up of each variant over ``against``: the original baseline (``"original"``) or the same backend
+    on that layout, of ``reduce`` (median or min) seconds."""
+    out = {}
     for name, seconds in results.items():
-        if BASELINE in results and name != BASELINE:
-            vs_original[name] = reduce(results[BASELINE]) / reduce(seconds)
-        padded = name.split("/")[0] + "/padded"
-        if padded in results and name != padded and name != BASELINE:
-            vs_padded[name] = reduce(results[padded]) / reduce(seconds)
-    return vs_original, vs_padded
+        base = BASELINE if against == "original" else name.split("/")[0] + "/" + against
+        if base in results and name not in (base, BASELINE):
+            out[name] = reduce(results[base]) / reduce(seconds)
+    return out
 
 
 def main(argv=None) -> int:
@@ -414,14 +416,12 @@ def main(argv=None) -> int:
     common = dict(device=args.device, device_name=device_name(device), torch=torch.__version__,
                   threads=torch.get_num_threads(), dtype=args.dtype, seed=args.seed, vocab_size=args.vocab_size,
                   min_frac=args.min_frac, max_frac=args.max_frac, generative_fraction=args.generative_fraction)
-    summary = {key: {} for key in ("speedup_vs_original", "speedup_vs_padded", "speedup_vs_original_best_step",
-                                   "speedup_vs_padded_best_step")}
+    summary = {}
     for shape_name in args.shapes:
         results = bench_shape(args, shape_name, device, common)
-        summary["speedup_vs_original"][shape_name], summary["speedup_vs_padded"][shape_name] = \
-            ratios(results, statistics.median)
-        summary["speedup_vs_original_best_step"][shape_name], summary["speedup_vs_padded_best_step"][shape_name] = \
-            ratios(results, min)
+        for against in ("original", "padded", "packed"):
+            for suffix, reduce in (("", statistics.median), ("_best_step", min)):
+                summary.setdefault(f"speedup_vs_{against}{suffix}", {})[shape_name] = ratios(results, reduce, against)
     emit(dict(kind="summary", **summary, original_attention_dropout=args.original_attention_dropout, n_layers={s: args.n_layers or SHAPES[s]["n_layers"] for s in args.shapes},
               **common))
     return 0

@@ -345,7 +345,8 @@ class GenerativeSplit:
         """(T, ...) -> known (Tk, ...) and generated (Tg, ...): views when the tokens are known-first."""
         if self.order is not None:
             x = permute_tokens(x, self.order, self.restore)
-        return x[:self.n_known], x[self.n_known:]
+        known, generated = x.split([self.n_known, x.shape[0] - self.n_known])  # backward: one cat, no zero fills
+        return known, generated
 
     def back(self, x: Tensor) -> Tensor:
         """(T, ...) known-first -> the tokens' own order."""
