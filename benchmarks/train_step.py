@@ -27,7 +27,8 @@ with seconds per step (median and fastest), cells/s, real tokens/s and model TFL
 real tokens only, 3 x forward), ``skipped`` notes, and a final ``summary`` with, per shape,
 ``speedup_vs_original`` (original/padded median s/step over the variant's), ``speedup_vs_padded`` and
 ``speedup_vs_packed`` (the same backend's padded / packed median over the variant's), plus the same ratios
-of the fastest steps. ``--layouts padded,packed,packed_known_first`` adds the known-first packed layout
+of the fastest steps (``_best_step``) and of the median process-CPU seconds (``_cpu_time``: robust to other
+processes on a shared machine, unlike wall time; per record ``cpu_seconds_per_step``). ``--layouts padded,packed,packed_known_first`` adds the known-first packed layout
 (every cell's known tokens, then every cell's generated ones; ``speedup_vs_packed`` compares it with packed).
 
 Commands recorded in BENCHMARKS.md (CPU; --threads 1 because the 2-core machine is shared):
@@ -275,23 +276,30 @@ def finish(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-def time_interleaved(args, variants: dict[str, tuple[StepFn, list[CellBatch]]], device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each timed step per variant. Step i runs batch i on every variant before step i + 1,
-    so background load on a shared machine falls on all alike, in an order rotated by one each step so
-    that no variant always runs first; ``warmup`` steps are not timed."""
+Timings = dict[str, list[float]]  # variant -> seconds of each timed step
+
+
+def time_interleaved(args, variants: dict[str, tuple[StepFn, list[CellBatch]]],
+                     device: torch.device) -> tuple[Timings, Timings]:
+    """Wall and process-CPU seconds of each timed step per variant. Step i runs batch i on every variant
+    before step i + 1, so background load on a shared machine falls on all alike, in an order rotated by
+    one each step so that no variant always runs first; ``warmup`` steps are not timed. CPU seconds (all
+    threads of this process) hardly grow when other processes share the cores, wall seconds do."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    wall: Timings = {name: [] for name in variants}
+    cpu: Timings = {name: [] for name in variants}
     names = list(variants)
     for i in range(args.warmup + args.steps):
         for name in names[i % len(names):] + names[:i % len(names)]:
             step, batches = variants[name]
             sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(batches[i])
             sync()
             if i >= args.warmup:
-                seconds[name].append(time.perf_counter() - start)
-    return seconds
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def profile_variants(args, variants: dict[str, tuple[StepFn, list[CellBatch]]], device: torch.device,
@@ -359,8 +367,8 @@ def _fused_adamw_on_cpu() -> bool:
     return True
 
 
-def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> dict[str, list[float]]:
-    """Run every variant for one shape; -> {variant: seconds of each timed step}."""
+def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> tuple[Timings, Timings]:
+    """Run every variant for one shape; -> wall and CPU {variant: seconds of each timed step}."""
     shape = dict(SHAPES[shape_name], **({"n_layers": args.n_layers} if args.n_layers else {}))
     cfg = ModelConfig(vocab_size=args.vocab_size, pad_token_id=args.vocab_size - N_SPECIALS, **shape)
     rng = np.random.default_rng(args.seed)
@@ -381,12 +389,13 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
     work_done = statistics.mean(c.training_step_work_done for c in counts)  # the pairs the generative mask computes
     peak = args.peak_tflops or (peak_tflops(device_name(device), "bf16") if args.dtype == "bfloat16" else None)
     variants = build_variants(args, cfg, shape_name, batches, device)
-    results = time_interleaved(args, variants, device)
+    results, cpu = time_interleaved(args, variants, device)
     for name, seconds in results.items():
         median = statistics.median(seconds)
         emit(dict(kind="train_step", shape=shape_name, n_layers=cfg.n_layers, variant=name,
                   batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, seconds_per_step=median,
-                  seconds_per_step_min=min(seconds), cells_per_s=args.batch_size / median,
+                  seconds_per_step_min=min(seconds), cpu_seconds_per_step=statistics.median(cpu[name]),
+                  cpu_seconds_per_step_min=min(cpu[name]), cells_per_s=args.batch_size / median,
                   tokens_per_s=real_tokens / median, tflops_per_s=flops / median / 1e12,
                   mfu=mfu(flops, median, peak), peak_tflops=peak, flops_per_step=flops,
                   tflops_per_s_work_done=work_done / median / 1e12, mfu_work_done=mfu(work_done, median, peak),
@@ -394,7 +403,7 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
                   padded_tokens_per_batch=padded_tokens, real_tokens_per_batch=real_tokens, **common))
     if args.profile:
         profile_variants(args, variants, device, common)
-    return results
+    return results, cpu
 
 
 def ratios(results: dict[str, list[float]], reduce, against: str = "padded") -> dict[str, float]:
@@ -418,10 +427,11 @@ def main(argv=None) -> int:
                   min_frac=args.min_frac, max_frac=args.max_frac, generative_fraction=args.generative_fraction)
     summary = {}
     for shape_name in args.shapes:
-        results = bench_shape(args, shape_name, device, common)
+        results, cpu = bench_shape(args, shape_name, device, common)
         for against in ("original", "padded", "packed"):
-            for suffix, reduce in (("", statistics.median), ("_best_step", min)):
-                summary.setdefault(f"speedup_vs_{against}{suffix}", {})[shape_name] = ratios(results, reduce, against)
+            for suffix, timings, reduce in (("", results, statistics.median), ("_best_step", results, min),
+                                            ("_cpu_time", cpu, statistics.median)):
+                summary.setdefault(f"speedup_vs_{against}{suffix}", {})[shape_name] = ratios(timings, reduce, against)
     emit(dict(kind="summary", **summary, original_attention_dropout=args.original_attention_dropout, n_layers={s: args.n_layers or SHAPES[s]["n_layers"] for s in args.shapes},
               **common))
     return 0

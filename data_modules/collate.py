@@ -88,7 +88,7 @@ class CollatorConfig:
         if not 0.0 <= self.generative_fraction <= 1.0:
             raise ConfigError(f"data.generative_fraction: {self.generative_fraction} must be in [0, 1]")
         if self.layout not in LAYOUTS:
-            raise ConfigError(f"data.layout: unknown layout {self.layout!r}; choose padded, packed or packed_known_first")
+            raise ConfigError(f"data.layout: unknown layout {self.layout!r}; choose {', '.join(LAYOUTS)}")
 
 
 class CellCollator:

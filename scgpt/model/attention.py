@@ -105,13 +105,12 @@ class PackedPlan:
     layouts on backends that attend cell by cell. Backends add their own cached tensors lazily in ``cache``.
     """
 
-    def __init__(self, cu_seqlens: Tensor, max_seqlen: int, gen_mask: Tensor | None,
-                 order: Tensor | None = None) -> None:
+    def __init__(self, cu_seqlens: Tensor, max_seqlen: int, gen_mask: Tensor | None) -> None:
         self.cu_seqlens = cu_seqlens  # (B + 1,) int32
         self.max_seqlen = max_seqlen
         self.gen_mask = gen_mask if gen_mask is not None and bool(gen_mask.any()) else None  # (T,) bool
-        self.order = order  # (T,) layout position of each cells-together token, or None
-        self.restore = None if order is None else inverse_permutation(order)  # (T,)
+        self.order: Tensor | None = None  # (T,) layout position of each cells-together token
+        self.restore: Tensor | None = None  # (T,) its inverse
         self.cache: dict[str, object] = {}
 
     @functools.cached_property
@@ -337,7 +336,7 @@ class GenerativeSplit:
         if not layout.is_known_first or gen_mask is None or layout.n_known == layout.n_tokens:
             return None
         generated_part = torch.arange(gen_mask.numel(), device=gen_mask.device) >= layout.n_known  # (T,)
-        if not bool(torch.equal(gen_mask, generated_part)):
+        if not torch.equal(gen_mask, generated_part):
             return None
         return cls(layout.cu_known, layout.cu_gen, layout.max_known, layout.max_gen, layout.n_known)
 

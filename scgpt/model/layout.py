@@ -107,8 +107,9 @@ class TokenLayout:
     @property
     def cell_offsets(self) -> Tensor:
         """(B + 1,) int32 offsets of each cell's tokens once they are together (:attr:`cell_order`)."""
-        return self.cu_seqlens if self.cu_seqlens is not None else self._cached("cell_offsets",
-                                                                                lambda: cumulative(self.lengths))
+        if self.cu_seqlens is not None:
+            return self.cu_seqlens
+        return self._cached("cell_offsets", lambda: cumulative(self.lengths))
 
     @property
     def cell_order(self) -> Tensor | None:
