@@ -154,7 +154,10 @@ def test_select_tokens_modality_dropout_and_cross_modal_loss_on_known_first_toke
         assert theirs.max_seqlen == ours.max_seqlen
     cfg = tiny_config(n_modalities=4)
     model = ScGPTModel(cfg)
-    forward = lambda b: model(b.gene_ids, b.values, b.layout, modality_ids=b.modality_ids)  # noqa: E731
+
+    def forward(b):
+        return model(b.gene_ids, b.values, b.layout, modality_ids=b.modality_ids)
+
     objective = CrossModalContrastive(1.0, temperature=0.2)
     losses = [objective(forward(b), b, ObjectiveContext(forward=forward))["cmc"] for b in (packed, first)]
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
