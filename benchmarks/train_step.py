@@ -34,6 +34,8 @@ processes on a shared machine, unlike wall time; per record ``cpu_seconds_per_st
 Commands recorded in BENCHMARKS.md (CPU; --threads 1 because the 2-core machine is shared):
     python benchmarks/train_step.py --shapes tiny --backends sdpa,reference,torch_varlen,flash_attn --batch-size 32 --steps 20 --warmup 2 --threads 1
     python benchmarks/train_step.py --shapes whole_human --n-layers 2 --backends sdpa,torch_varlen --batch-size 8 --steps 4 --warmup 1 --threads 1
+Known-first vs packed (BENCHMARKS.md, issue 16):
+    OMP_NUM_THREADS=2 nice python benchmarks/train_step.py --shapes tiny,small --backends sdpa,torch_varlen --layouts packed,packed_known_first --no-original --batch-size 16 --steps 20 --warmup 2 --threads 2
 On a GPU (bf16 autocast; prints MFU against the bf16 peak of the device):
     python benchmarks/train_step.py --shapes whole_human --backends sdpa,flash_attn --device cuda --dtype bfloat16 --batch-size 32 --steps 20 --warmup 5 --extras compile,fused_adamw
 """
