@@ -34,6 +34,7 @@ from data_modules.collate import CellCollator, CollatorConfig  # noqa: E402
 from scgpt.errors import ConfigError  # noqa: E402
 from scgpt.flops import attended_pairs, generated_per_cell  # noqa: E402
 from scgpt.model.attention import ReferenceAttention  # noqa: E402
+from scgpt.model.layout import TokenLayout  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
                      for _ in range(4))
     lengths = (cu[1:] - cu[:-1]).cpu().double()
     per_pair = 3 * 4 * args.heads * args.head_dim  # forward + backward
-    work = per_pair * attended_pairs(lengths, generated_per_cell(gen, cu) if gen is not None else None)
+    work = per_pair * attended_pairs(lengths, generated_per_cell(gen, TokenLayout(cu_seqlens=cu)) if gen is not None else None)
     model = per_pair * attended_pairs(lengths, None)
     expected = call(ReferenceAttention(), None, q.float(), k.float(), v.float(), cu, max_len, gen, grad.float())
     backends = {}

@@ -54,7 +54,7 @@ want kernels && step attention_kernels 120 $PY benchmarks/attention_kernels.py -
 
 BENCH="$PY benchmarks/train_step.py --shapes whole_human --device cuda --dtype bfloat16"
 want bench && step train_step_b32 150 $BENCH --backends sdpa,flash_attn --batch-size 32 --steps 20 --warmup 5 --extras compile,fused_adamw
-want bench_large && step train_step_b128 80 $BENCH --backends flash_attn --layouts packed --no-original --batch-size 128 --steps 10 --warmup 3
+want bench_large && step train_step_b128 100 $BENCH --backends flash_attn --layouts packed,packed_known_first --no-original --batch-size 128 --steps 10 --warmup 3
 want profile && step profile_b32 100 $BENCH --backends flash_attn --batch-size 32 --steps 5 --warmup 3 --profile 3
 want scale && for batch in ${SCALE_BATCHES:-128 256 384}; do
   profile=$([ "$batch" = 256 ] && echo "--profile 2" || echo "")

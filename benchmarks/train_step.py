@@ -25,12 +25,17 @@ other processes falls on all alike):
 Prints one JSON object per line: ``collate`` per (shape, layout), ``train_step`` per (shape, variant)
 with seconds per step (median and fastest), cells/s, real tokens/s and model TFLOP/s (scgpt.flops:
 real tokens only, 3 x forward), ``skipped`` notes, and a final ``summary`` with, per shape,
-``speedup_vs_original`` (original/padded median s/step over the variant's) and ``speedup_vs_padded``
-(the same backend's padded median over the variant's), plus the same ratios of the fastest steps.
+``speedup_vs_original`` (original/padded median s/step over the variant's), ``speedup_vs_padded`` and
+``speedup_vs_packed`` (the same backend's padded / packed median over the variant's), plus the same ratios
+of the fastest steps (``_best_step``) and of the median process-CPU seconds (``_cpu_time``: robust to other
+processes on a shared machine, unlike wall time; per record ``cpu_seconds_per_step``). ``--layouts padded,packed,packed_known_first`` adds the known-first packed layout
+(every cell's known tokens, then every cell's generated ones; ``speedup_vs_packed`` compares it with packed).
 
 Commands recorded in BENCHMARKS.md (CPU; --threads 1 because the 2-core machine is shared):
     python benchmarks/train_step.py --shapes tiny --backends sdpa,reference,torch_varlen,flash_attn --batch-size 32 --steps 20 --warmup 2 --threads 1
     python benchmarks/train_step.py --shapes whole_human --n-layers 2 --backends sdpa,torch_varlen --batch-size 8 --steps 4 --warmup 1 --threads 1
+Known-first vs packed (BENCHMARKS.md, issue 16):
+    OMP_NUM_THREADS=2 nice python benchmarks/train_step.py --shapes tiny,small --backends sdpa,torch_varlen --layouts packed,packed_known_first --no-original --batch-size 16 --steps 20 --warmup 2 --threads 2
 On a GPU (bf16 autocast; prints MFU against the bf16 peak of the device):
     python benchmarks/train_step.py --shapes whole_human --backends sdpa,flash_attn --device cuda --dtype bfloat16 --batch-size 32 --steps 20 --warmup 5 --extras compile,fused_adamw
 """
@@ -69,7 +74,7 @@ SHAPES = {  # dropout is each shape's default (conf/model/tiny.yaml, conf/model/
     "whole_human": dict(d_model=512, n_layers=12, n_heads=8, d_hid=512, max_seq_len=1200, n_bins=51, dropout=0.2),
 }
 BACKENDS = ("sdpa", "reference", "flash_attn", "torch_varlen", "flash_attn_lse_call", *GPU_BACKENDS)
-LAYOUTS = ("padded", "packed")
+LAYOUTS = ("padded", "packed", "packed_known_first")
 EXTRAS = ("compile", "checkpointing", "fused_adamw")
 OBJECTIVE_WEIGHTS = {"gep": 1.0, "gen": 1.0, "mvc": 1.0}
 N_SPECIALS = 3  # <pad>, <cls>, <eoc> follow the genes, as in GeneVocab.from_genes
@@ -100,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", type=_csv(tuple(SHAPES)), default=["tiny"])
     p.add_argument("--n-layers", type=int, default=None, help="override the shape's encoder depth")
     p.add_argument("--backends", type=_csv(BACKENDS), default=["sdpa", "reference"])
-    p.add_argument("--layouts", type=_csv(LAYOUTS), default=list(LAYOUTS))
+    p.add_argument("--layouts", type=_csv(LAYOUTS), default=["padded", "packed"],
+                   help="packed_known_first: every cell's known tokens, then every cell's generated ones")
     p.add_argument("--extras", type=_extras, default=[],
                    help="extra packed variants per backend; '+' combines options, e.g. compile+fused_adamw")
     p.add_argument("--no-original", action="store_true", help="leave out the original-architecture baseline")
@@ -272,23 +278,30 @@ def finish(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-def time_interleaved(args, variants: dict[str, tuple[StepFn, list[CellBatch]]], device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each timed step per variant. Step i runs batch i on every variant before step i + 1,
-    so background load on a shared machine falls on all alike, in an order rotated by one each step so
-    that no variant always runs first; ``warmup`` steps are not timed."""
+Timings = dict[str, list[float]]  # variant -> seconds of each timed step
+
+
+def time_interleaved(args, variants: dict[str, tuple[StepFn, list[CellBatch]]],
+                     device: torch.device) -> tuple[Timings, Timings]:
+    """Wall and process-CPU seconds of each timed step per variant. Step i runs batch i on every variant
+    before step i + 1, so background load on a shared machine falls on all alike, in an order rotated by
+    one each step so that no variant always runs first; ``warmup`` steps are not timed. CPU seconds (all
+    threads of this process) hardly grow when other processes share the cores, wall seconds do."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    wall: Timings = {name: [] for name in variants}
+    cpu: Timings = {name: [] for name in variants}
     names = list(variants)
     for i in range(args.warmup + args.steps):
         for name in names[i % len(names):] + names[:i % len(names)]:
             step, batches = variants[name]
             sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(batches[i])
             sync()
             if i >= args.warmup:
-                seconds[name].append(time.perf_counter() - start)
-    return seconds
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def profile_variants(args, variants: dict[str, tuple[StepFn, list[CellBatch]]], device: torch.device,
@@ -356,15 +369,15 @@ def _fused_adamw_on_cpu() -> bool:
     return True
 
 
-def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> dict[str, list[float]]:
-    """Run every variant for one shape; -> {variant: seconds of each timed step}."""
+def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> tuple[Timings, Timings]:
+    """Run every variant for one shape; -> wall and CPU {variant: seconds of each timed step}."""
     shape = dict(SHAPES[shape_name], **({"n_layers": args.n_layers} if args.n_layers else {}))
     cfg = ModelConfig(vocab_size=args.vocab_size, pad_token_id=args.vocab_size - N_SPECIALS, **shape)
     rng = np.random.default_rng(args.seed)
     cells = synthetic_cells(rng, args.batch_size * (args.warmup + args.steps), args.vocab_size - N_SPECIALS,
                             shape["max_seq_len"] - 1, args.min_frac, args.max_frac)
     batches = {}
-    for layout in LAYOUTS:  # both always: padded feeds the baseline and gives the token counts
+    for layout in dict.fromkeys(["padded", "packed", *args.layouts]):  # padded feeds the baseline and the token counts
         batches[layout], seconds = collate(args, shape, layout, cells)
         emit(dict(kind="collate", shape=shape_name, layout=layout, cells=len(cells),
                   cells_per_s=len(cells) / seconds, **common))
@@ -378,12 +391,13 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
     work_done = statistics.mean(c.training_step_work_done for c in counts)  # the pairs the generative mask computes
     peak = args.peak_tflops or (peak_tflops(device_name(device), "bf16") if args.dtype == "bfloat16" else None)
     variants = build_variants(args, cfg, shape_name, batches, device)
-    results = time_interleaved(args, variants, device)
+    results, cpu = time_interleaved(args, variants, device)
     for name, seconds in results.items():
         median = statistics.median(seconds)
         emit(dict(kind="train_step", shape=shape_name, n_layers=cfg.n_layers, variant=name,
                   batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, seconds_per_step=median,
-                  seconds_per_step_min=min(seconds), cells_per_s=args.batch_size / median,
+                  seconds_per_step_min=min(seconds), cpu_seconds_per_step=statistics.median(cpu[name]),
+                  cpu_seconds_per_step_min=min(cpu[name]), cells_per_s=args.batch_size / median,
                   tokens_per_s=real_tokens / median, tflops_per_s=flops / median / 1e12,
                   mfu=mfu(flops, median, peak), peak_tflops=peak, flops_per_step=flops,
                   tflops_per_s_work_done=work_done / median / 1e12, mfu_work_done=mfu(work_done, median, peak),
@@ -391,19 +405,18 @@ def bench_shape(args, shape_name: str, device: torch.device, common: dict) -> di
                   padded_tokens_per_batch=padded_tokens, real_tokens_per_batch=real_tokens, **common))
     if args.profile:
         profile_variants(args, variants, device, common)
-    return results
+    return results, cpu
 
 
-def ratios(results: dict[str, list[float]], reduce) -> tuple[dict[str, float], dict[str, float]]:
-    """(vs the original baseline, vs the same backend padded) of ``reduce`` (median or min) seconds."""
-    vs_original, vs_padded = {}, {}
+def ratios(results: dict[str, list[float]], reduce, against: str = "padded") -> dict[str, float]:
+    """Speed-up of each variant over ``against``: the original baseline (``"original"``) or the same backend
+    on that layout, of ``reduce`` (median or min) seconds."""
+    out = {}
     for name, seconds in results.items():
-        if BASELINE in results and name != BASELINE:
-            vs_original[name] = reduce(results[BASELINE]) / reduce(seconds)
-        padded = name.split("/")[0] + "/padded"
-        if padded in results and name != padded and name != BASELINE:
-            vs_padded[name] = reduce(results[padded]) / reduce(seconds)
-    return vs_original, vs_padded
+        base = BASELINE if against == "original" else name.split("/")[0] + "/" + against
+        if base in results and name not in (base, BASELINE):
+            out[name] = reduce(results[base]) / reduce(seconds)
+    return out
 
 
 def main(argv=None) -> int:
@@ -414,14 +427,13 @@ def main(argv=None) -> int:
     common = dict(device=args.device, device_name=device_name(device), torch=torch.__version__,
                   threads=torch.get_num_threads(), dtype=args.dtype, seed=args.seed, vocab_size=args.vocab_size,
                   min_frac=args.min_frac, max_frac=args.max_frac, generative_fraction=args.generative_fraction)
-    summary = {key: {} for key in ("speedup_vs_original", "speedup_vs_padded", "speedup_vs_original_best_step",
-                                   "speedup_vs_padded_best_step")}
+    summary = {}
     for shape_name in args.shapes:
-        results = bench_shape(args, shape_name, device, common)
-        summary["speedup_vs_original"][shape_name], summary["speedup_vs_padded"][shape_name] = \
-            ratios(results, statistics.median)
-        summary["speedup_vs_original_best_step"][shape_name], summary["speedup_vs_padded_best_step"][shape_name] = \
-            ratios(results, min)
+        results, cpu = bench_shape(args, shape_name, device, common)
+        for against in ("original", "padded", "packed"):
+            for suffix, timings, reduce in (("", results, statistics.median), ("_best_step", results, min),
+                                            ("_cpu_time", cpu, statistics.median)):
+                summary.setdefault(f"speedup_vs_{against}{suffix}", {})[shape_name] = ratios(timings, reduce, against)
     emit(dict(kind="summary", **summary, original_attention_dropout=args.original_attention_dropout, n_layers={s: args.n_layers or SHAPES[s]["n_layers"] for s in args.shapes},
               **common))
     return 0

@@ -22,16 +22,18 @@ from torch.utils.data import get_worker_info
 
 from data_modules.modality import SPECIAL, bin_per_modality, choose_per_modality
 from scgpt.errors import ConfigError
-from scgpt.model.layout import TokenLayout
+from scgpt.model.layout import TokenLayout, cumulative
 from scgpt.tokenizer.binning import bin_rows
 from scgpt.tokenizer.masking import mask_rows
 
-LAYOUTS = ("padded", "packed")
+LAYOUTS = ("padded", "packed", "packed_known_first")
 
 
 @dataclass
 class CellBatch:
-    """A tokenized batch. Per-token tensors are (B, L) when padded, (T,) when packed."""
+    """A tokenized batch. Per-token tensors are (B, L) when padded, (T,) when packed (each cell's tokens
+    together, ``cu_seqlens``) or packed known-first (every cell's known tokens, then every cell's generated
+    ones: ``cu_known``, ``cu_gen``; see scgpt/model/layout.py)."""
 
     gene_ids: Tensor  # long
     values: Tensor  # float: binned input values; mask_value where hidden, pad_value at <cls> and padding
@@ -41,14 +43,19 @@ class CellBatch:
     generative: Tensor  # (B,) bool: cells trained with the generative attention mask
     padding_mask: Tensor | None = None  # (B, L) bool, padded layout
     cu_seqlens: Tensor | None = None  # (B + 1,) int32, packed layout
-    max_seqlen: int = 0
+    max_seqlen: int = 0  # longest cell (packed layouts)
+    cu_known: Tensor | None = None  # (B + 1,) int32, packed known-first: offsets of each cell's known tokens
+    cu_gen: Tensor | None = None  # (B + 1,) int32, packed known-first: offsets of each cell's generated tokens
+    max_known: int = 0
+    max_gen: int = 0
     labels: dict[str, Tensor] = field(default_factory=dict)  # per-cell (B,) long, e.g. cell_type, batch
     modality_ids: Tensor | None = None  # long per token, data with feature types only: 0 RNA, 1 ADT, 2 ATAC,
     # 3 <cls> and padding (data_modules/modality.py)
 
     @property
     def layout(self) -> TokenLayout:
-        return TokenLayout(padding_mask=self.padding_mask, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen)
+        return TokenLayout(padding_mask=self.padding_mask, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen,
+                           cu_known=self.cu_known, cu_gen=self.cu_gen, max_known=self.max_known, max_gen=self.max_gen)
 
     @property
     def n_cells(self) -> int:
@@ -81,7 +88,7 @@ class CollatorConfig:
         if not 0.0 <= self.generative_fraction <= 1.0:
             raise ConfigError(f"data.generative_fraction: {self.generative_fraction} must be in [0, 1]")
         if self.layout not in LAYOUTS:
-            raise ConfigError(f"data.layout: unknown layout {self.layout!r}; choose padded or packed")
+            raise ConfigError(f"data.layout: unknown layout {self.layout!r}; choose {', '.join(LAYOUTS)}")
 
 
 class CellCollator:
@@ -166,7 +173,7 @@ class CellCollator:
             labels={k: torch.as_tensor(np.asarray(v), dtype=torch.long) for k, v in labels.items()},
             modality_ids=None if out.modality is None else as_tensor(out.modality),
         )
-        return pack_batch(batch) if cfg.layout == "packed" else batch
+        return PACKERS[cfg.layout](batch)
 
     def _tokenize_rows(self, indptr, gene_ids, counts, ratios, generative, rng: np.random.Generator,
                        out: "_Tokens", first: int) -> None:
@@ -324,11 +331,35 @@ def pack_batch(batch: CellBatch) -> CellBatch:
     """Padded (B, L) -> packed (T,) tokens with cu_seqlens; cells stay in order."""
     real = ~batch.padding_mask
     lengths = real.sum(dim=1)
-    cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
-    cu_seqlens[1:] = lengths.cumsum(0)
+    cu_seqlens = cumulative(lengths)
     return CellBatch(
         gene_ids=batch.gene_ids[real], values=batch.values[real], target_values=batch.target_values[real],
         hidden_mask=batch.hidden_mask[real], gen_mask=batch.gen_mask[real], generative=batch.generative,
         cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()), labels=batch.labels,
         modality_ids=None if batch.modality_ids is None else batch.modality_ids[real],
     )
+
+
+def pack_known_first(batch: CellBatch) -> CellBatch:
+    """Padded (B, L) -> packed (T,) tokens, every cell's known tokens first (cells in order, <cls> first in
+    its cell), then every cell's generated tokens (cells in order). Without generated tokens this is
+    :func:`pack_batch` (each cell's tokens together, cu_seqlens)."""
+    generated = batch.gen_mask  # (B, L), False at padding
+    if not bool(generated.any()):
+        return pack_batch(batch)
+    known = ~batch.padding_mask & ~generated  # (B, L)
+
+    def take(t: Tensor | None) -> Tensor | None:
+        return None if t is None else torch.cat([t[known], t[generated]])  # (T,)
+
+    n_known, n_gen = known.sum(dim=1), generated.sum(dim=1)  # (B,)
+    return CellBatch(
+        gene_ids=take(batch.gene_ids), values=take(batch.values), target_values=take(batch.target_values),
+        hidden_mask=take(batch.hidden_mask), gen_mask=take(batch.gen_mask), generative=batch.generative,
+        max_seqlen=int((n_known + n_gen).max()), cu_known=cumulative(n_known), cu_gen=cumulative(n_gen),
+        max_known=int(n_known.max()), max_gen=int(n_gen.max()), labels=batch.labels,
+        modality_ids=take(batch.modality_ids),
+    )
+
+
+PACKERS = {"padded": lambda batch: batch, "packed": pack_batch, "packed_known_first": pack_known_first}

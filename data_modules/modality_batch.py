@@ -12,6 +12,7 @@ from torch import Tensor
 
 from data_modules.collate import CellBatch
 from data_modules.modality import SPECIAL
+from scgpt.model.layout import TokenLayout, cumulative
 
 
 def unmasked(batch: CellBatch) -> CellBatch:
@@ -24,7 +25,7 @@ def unmasked(batch: CellBatch) -> CellBatch:
 
 def _token_fields(batch: CellBatch) -> list[str]:
     """Names of the per-token tensors (same shape as gene_ids), whatever fields CellBatch has."""
-    per_cell = ("generative", "padding_mask", "cu_seqlens")
+    per_cell = ("generative", "padding_mask", "cu_seqlens", "cu_known", "cu_gen")
     return [f.name for f in dataclasses.fields(batch) if f.name not in per_cell
             and isinstance(getattr(batch, f.name), Tensor) and getattr(batch, f.name).shape == batch.gene_ids.shape]
 
@@ -41,7 +42,7 @@ def _fill_value(name: str, pad_token_id: int, pad_value: float) -> float | int |
 
 def select_tokens(batch: CellBatch, keep: Tensor, pad_token_id: int, pad_value: float) -> CellBatch:
     """Only the tokens where ``keep`` (same shape as gene_ids) and the cell's <cls>, compacted: padded
-    cells get shorter with padding after their tokens, packed ones get new cu_seqlens."""
+    cells get shorter with padding after their tokens, packed ones (either order) get new offsets."""
     fields = _token_fields(batch)
     if batch.padding_mask is not None:
         keep = (keep | (torch.arange(keep.shape[1], device=keep.device) == 0)) & ~batch.padding_mask  # (B, L)
@@ -54,16 +55,25 @@ def select_tokens(batch: CellBatch, keep: Tensor, pad_token_id: int, pad_value: 
             taken = torch.gather(getattr(batch, name), 1, order)
             new[name] = taken.masked_fill(padding, _fill_value(name, pad_token_id, pad_value))
         return dataclasses.replace(batch, **new, padding_mask=padding, max_seqlen=width)
-    starts = batch.cu_seqlens[:-1].long()
+    layout = batch.layout
     keep = keep.clone()
-    keep[starts] = True  # <cls>
-    cell = torch.repeat_interleave(torch.arange(starts.numel(), device=keep.device),
-                                   (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long())  # (T,)
-    lengths = torch.bincount(cell[keep], minlength=starts.numel())
-    cu_seqlens = torch.zeros_like(batch.cu_seqlens)
-    cu_seqlens[1:] = lengths.cumsum(0)
+    keep[layout.first_positions] = True  # <cls>
     new = {name: getattr(batch, name)[keep] for name in fields}
-    return dataclasses.replace(batch, **new, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
+    return dataclasses.replace(batch, **new, **_kept_offsets(layout, keep))
+
+
+def _kept_offsets(layout: TokenLayout, keep: Tensor) -> dict:
+    """The offset fields of a packed batch after keeping the tokens where ``keep`` (T,); order is kept."""
+    def count(tokens: Tensor) -> Tensor:
+        return torch.bincount(layout.seq_ids[tokens], minlength=layout.n_cells)  # (B,)
+
+    if not layout.is_known_first:
+        lengths = count(keep)
+        return {"cu_seqlens": cumulative(lengths), "max_seqlen": int(lengths.max())}
+    known_part = torch.arange(keep.numel(), device=keep.device) < layout.n_known  # (T,)
+    n_known, n_gen = count(keep & known_part), count(keep & ~known_part)
+    return {"cu_known": cumulative(n_known), "cu_gen": cumulative(n_gen), "max_seqlen": int((n_known + n_gen).max()),
+            "max_known": int(n_known.max()), "max_gen": int(n_gen.max())}
 
 
 def drop_modalities(batch: CellBatch, share: float, generator: torch.Generator, pad_token_id: int,
@@ -74,8 +84,7 @@ def drop_modalities(batch: CellBatch, share: float, generator: torch.Generator, 
     if batch.padding_mask is not None:
         cell = torch.arange(mods.shape[0], device=mods.device)[:, None].expand_as(mods)  # (B, L)
     else:
-        cell = torch.repeat_interleave(torch.arange(batch.n_cells, device=mods.device),
-                                       (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long())  # (T,)
+        cell = batch.layout.seq_ids  # (T,), any packed order
     feature = mods != SPECIAL
     present = torch.zeros(batch.n_cells, SPECIAL, dtype=torch.bool, device=mods.device)  # (B, 3)
     present[cell[feature], mods[feature]] = True

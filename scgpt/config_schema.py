@@ -173,7 +173,7 @@ def check_annotated_types(cls: type, values: Mapping[str, Any], key: str) -> Non
 
 
 # ---- the sections -------------------------------------------------------------------------------------
-LAYOUTS = ("padded", "packed")
+LAYOUTS = ("padded", "packed", "packed_known_first")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
               "transformer-engine-float16", "32", "16", "bf16", "64", 32, 16, 64)
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")

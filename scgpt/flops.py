@@ -109,15 +109,14 @@ def attended_pairs(lengths: torch.Tensor, generated: torch.Tensor | None) -> flo
     return float((known ** 2 + generated * (known + 1)).sum())
 
 
-def generated_per_cell(gen_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | None:
+def generated_per_cell(gen_mask: torch.Tensor | None, layout=None) -> torch.Tensor | None:
     """Generated tokens of each cell (B,) from a padded (B, L) ``gen_mask``, or a packed (T,) one with its
-    ``cu_seqlens`` (B + 1,); None without a mask."""
+    :class:`~scgpt.model.layout.TokenLayout` (any packed order); None without a mask."""
     if gen_mask is None:
         return None
-    if cu_seqlens is None:
+    if layout is None or not layout.is_packed:
         return gen_mask.sum(dim=1).cpu()
-    ends = torch.cat([gen_mask.new_zeros(1, dtype=torch.long), gen_mask.long().cumsum(0)])  # (T + 1,)
-    return (ends[cu_seqlens[1:].long()] - ends[cu_seqlens[:-1].long()]).cpu()
+    return torch.bincount(layout.seq_ids[gen_mask], minlength=layout.n_cells).cpu()  # (B,)
 
 
 def count_flops(cfg: ModelConfig, lengths: Sequence[int] | torch.Tensor,

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from scgpt.flops import attended_pairs, count_flops, generated_per_cell, mfu, peak_tflops, token_matmul_flops
 from scgpt.model import ScGPTModel
 from scgpt.model.attention import ReferenceAttention, allowed_keys
-from scgpt.model.layout import pack_padded
+from scgpt.model.layout import TokenLayout, cumulative, pack_padded
 
 from conftest import random_tokens, tiny_config
 
@@ -77,7 +77,10 @@ def test_generated_per_cell_is_the_same_padded_and_packed():
     packed_gen, layout = pack_padded(gen, padding)
     expected = gen.sum(1)
     assert torch.equal(generated_per_cell(gen), expected)
-    assert torch.equal(generated_per_cell(packed_gen, layout.cu_seqlens), expected)
+    assert torch.equal(generated_per_cell(packed_gen, layout), expected)
+    known_first = TokenLayout(cu_known=cumulative((~padding & ~gen).sum(1)), cu_gen=cumulative(expected))
+    first_gen = torch.cat([gen[~padding & ~gen], gen[gen]])  # (T,) every known token, then every generated one
+    assert torch.equal(generated_per_cell(first_gen, known_first), expected)
     assert generated_per_cell(None) is None
 
 def test_padding_does_not_change_the_count():
@@ -156,3 +159,11 @@ def test_throughput_monitor_logs_work_done_below_model_flops_with_generated_toke
         count.training_step_work_done / monitor.seconds / 1e12)
     assert logged["throughput/mfu_work_done"] == pytest.approx(logged["throughput/tflops_per_device_work_done"] / 0.001)
     assert monitor.mfu_work_done == pytest.approx(monitor.tflops_per_s_work_done / 0.001)
+    # data.layout=packed_known_first: every cell's known tokens, then every cell's generated ones; the same counts
+    known_first = TokenLayout(cu_known=cumulative((~padding & ~gen).sum(1)), cu_gen=cumulative(gen.sum(1)))
+    batch = SimpleNamespace(layout=known_first, gen_mask=torch.cat([gen[~padding & ~gen], gen[gen]]), n_cells=3,
+                            n_tokens=13)
+    monitor = CellThroughputMonitor()
+    monitor.on_train_batch_start(trainer, module, batch, 0)
+    monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    assert monitor.flops == count.training_step and monitor.flops_work_done == count.training_step_work_done

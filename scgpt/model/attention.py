@@ -31,17 +31,25 @@ Packed (unpadded) tokens: everything that depends only on the cells' lengths and
 crosses cells. Sequence packing in the flash-attn sense (all cells of a batch in one row, block-diagonal
 attention) is exactly the packed layout with ``cu_seqlens``; a dense block-diagonal mask over one row
 would cost (sum of l)^2 attention work instead of sum of l^2, so no backend builds one.
+
+Known-first packed tokens (``data.layout=packed_known_first``, layout.py): the varlen path reads the known
+and generated parts as slices (no permutation); ``reference`` and ``sdpa`` bring each cell's tokens
+together with one gather per layer (index computed once per forward in the plan) and attend as above;
+``flex`` builds its block mask from the tokens' cell ids, which works in any order.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scgpt.model.layout import TokenLayout, cumulative
 from scgpt.model.varlen_kernels import flash_varlen_kernel, torch_flash_varlen_kernel, torch_varlen_kernel
 
 __all__ = ["AttentionBackend", "PackedPlan", "ReferenceAttention", "SdpaAttention", "VarlenAttention",
@@ -70,12 +78,6 @@ def allowed_keys(padding_mask: Tensor | None, gen_mask: Tensor | None, length: i
     return allowed
 
 
-def _cumulative(counts: Tensor) -> Tensor:
-    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-    cu[1:] = counts.cumsum(0)
-    return cu
-
-
 def length_groups(lengths: list[int], tolerance: float) -> list[list[int]]:
     """Cells (indices) grouped by similar length, longest first. A group padded to its longest cell
     costs at most ``(1 + tolerance)`` x the attention work (sum of l^2) of its cells one by one;
@@ -95,19 +97,36 @@ def length_groups(lengths: list[int], tolerance: float) -> list[list[int]]:
 
 
 class PackedPlan:
-    """Per-forward facts about packed cells that every layer reuses (built by ``backend.plan``).
+    """Per-forward facts about packed cells that every layer reuses (built by ``backend.plan`` or
+    ``backend.plan_layout``), about the cells with their tokens together (``cu_seqlens``).
 
-    ``lengths`` are host-side ints (one device sync per forward, not per layer). Backends add their
-    own cached tensors lazily in ``cache``.
+    ``lengths`` are host-side ints (one device sync per forward, not per layer). ``order`` (T,), when set,
+    brings the layout's tokens into that cells-together order (``restore`` takes them back): known-first
+    layouts on backends that attend cell by cell. Backends add their own cached tensors lazily in ``cache``.
     """
 
     def __init__(self, cu_seqlens: Tensor, max_seqlen: int, gen_mask: Tensor | None) -> None:
         self.cu_seqlens = cu_seqlens  # (B + 1,) int32
         self.max_seqlen = max_seqlen
         self.gen_mask = gen_mask if gen_mask is not None and bool(gen_mask.any()) else None  # (T,) bool
-        self.lengths: list[int] = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        self.starts: list[int] = cu_seqlens[:-1].tolist()
+        self.order: Tensor | None = None  # (T,) layout position of each cells-together token
+        self.restore: Tensor | None = None  # (T,) its inverse
         self.cache: dict[str, object] = {}
+
+    @functools.cached_property
+    def lengths(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        return self.cu_seqlens[:-1].tolist()
+
+
+def inverse_permutation(order: Tensor) -> Tensor:
+    """(T,) permutation -> (T,) its inverse."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
 
 
 class CellGroups:
@@ -159,6 +178,25 @@ class AttentionBackend:
     def plan(self, cu_seqlens: Tensor, max_seqlen: int, gen_mask: Tensor | None) -> PackedPlan:
         """What :meth:`packed` needs about the cells, computed once per forward for every layer."""
         return PackedPlan(cu_seqlens, max_seqlen, gen_mask)
+
+    def plan_layout(self, layout: TokenLayout, gen_mask: Tensor | None) -> PackedPlan:
+        """The plan for any packed layout (gen_mask (T,) in the layout's order). Known-first tokens are
+        attended with each cell's tokens together: the plan carries that permutation."""
+        order = layout.cell_order  # (T,) or None
+        if order is not None and gen_mask is not None:
+            gen_mask = gen_mask[order]
+        plan = self.plan(layout.cell_offsets, layout.max_seqlen, gen_mask)
+        if order is not None:
+            plan.order, plan.restore = order, inverse_permutation(order)
+        return plan
+
+    def packed_layout(self, q: Tensor, k: Tensor, v: Tensor, plan: PackedPlan) -> Tensor:
+        """q, k, v: (T, H, Dh) in the layout the plan was made for -> (T, H, Dh)."""
+        if plan.order is None:
+            return self.packed(q, k, v, plan.cu_seqlens, plan.max_seqlen, plan.gen_mask, plan)
+        q, k, v = (permute_tokens(t, plan.order, plan.restore) for t in (q, k, v))  # cells together
+        out = self.packed(q, k, v, plan.cu_seqlens, plan.max_seqlen, plan.gen_mask, plan)
+        return permute_tokens(out, plan.restore, plan.order)
 
     def packed(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                gen_mask: Tensor | None, plan: PackedPlan | None = None) -> Tensor:
@@ -262,24 +300,56 @@ def permute_tokens(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
     return _Permute.apply(x, order, inverse)
 
 
+@dataclass
 class GenerativeSplit:
-    """Known and generated tokens of packed cells as one permutation and cu_seqlens (no host syncs later).
+    """Known and generated tokens of packed cells: their offsets per cell (no host syncs later) and, unless
+    the tokens are already known-first, the permutation that makes them so.
 
     ``order`` puts every known token first (cells stay grouped and in order), then every generated one;
-    ``restore`` is its inverse.
+    ``restore`` is its inverse. Both are None on a known-first layout (:meth:`from_layout`).
     """
 
-    def __init__(self, cu_seqlens: Tensor, gen_mask: Tensor) -> None:
+    cu_known: Tensor  # (B + 1,) int32 offsets of each cell's known tokens among the known ones
+    cu_gen: Tensor  # (B + 1,) int32 offsets of each cell's generated tokens among the generated ones
+    max_known: int
+    max_gen: int
+    n_known: int
+    order: Tensor | None = None  # (T,)
+    restore: Tensor | None = None  # (T,)
+
+    @classmethod
+    def from_mask(cls, cu_seqlens: Tensor, gen_mask: Tensor) -> GenerativeSplit:
+        """Cells with their tokens together (``cu_seqlens``), generated where ``gen_mask`` (T,)."""
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=gen_mask.device), lengths)  # (T,)
         known = ~gen_mask
         n_known = torch.zeros_like(lengths).index_add_(0, seq_ids, known.long())  # (B,)
-        self.cu_known, self.cu_gen = _cumulative(n_known), _cumulative(lengths - n_known)
-        self.max_known, self.max_gen = int(n_known.max()), int((lengths - n_known).max())
         known_idx = known.nonzero().squeeze(1)  # (Tk,) in cell order: cells stay grouped
-        self.n_known = int(known_idx.numel())
-        self.order = torch.cat([known_idx, gen_mask.nonzero().squeeze(1)])  # (T,)
-        self.restore = self.order.argsort()  # (T,) back to token order
+        order = torch.cat([known_idx, gen_mask.nonzero().squeeze(1)])  # (T,)
+        return cls(cumulative(n_known), cumulative(lengths - n_known), int(n_known.max()),
+                   int((lengths - n_known).max()), int(known_idx.numel()), order, inverse_permutation(order))
+
+    @classmethod
+    def from_layout(cls, layout: TokenLayout, gen_mask: Tensor | None) -> GenerativeSplit | None:
+        """A known-first layout whose generated part is exactly ``gen_mask`` (T,): no permutation needed.
+        None otherwise (another layout, no generated tokens, or a mask that differs from the layout's)."""
+        if not layout.is_known_first or gen_mask is None or layout.n_known == layout.n_tokens:
+            return None
+        generated_part = torch.arange(gen_mask.numel(), device=gen_mask.device) >= layout.n_known  # (T,)
+        if not torch.equal(gen_mask, generated_part):
+            return None
+        return cls(layout.cu_known, layout.cu_gen, layout.max_known, layout.max_gen, layout.n_known)
+
+    def parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(T, ...) -> known (Tk, ...) and generated (Tg, ...): views when the tokens are known-first."""
+        if self.order is not None:
+            x = permute_tokens(x, self.order, self.restore)
+        known, generated = x.split([self.n_known, x.shape[0] - self.n_known])  # backward: one cat, no zero fills
+        return known, generated
+
+    def back(self, x: Tensor) -> Tensor:
+        """(T, ...) known-first -> the tokens' own order."""
+        return x if self.order is None else permute_tokens(x, self.restore, self.order)
 
 
 def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, gen_mask: Tensor,
@@ -293,19 +363,19 @@ def generative_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
     The lse's gradient comes from the kernel (``kernel.lse_has_gradient``, see varlen_kernels.py) or else
     from :func:`differentiable_lse` (one more varlen call while training);
     ``mix`` is :func:`mix_generated`, or its compiled form.
-    Packed tokens are contiguous per cell, so selecting known or generated tokens keeps cells grouped.
+    Packed tokens are contiguous per cell, so selecting known or generated tokens keeps cells grouped;
+    known-first tokens (``split.order`` None) are sliced, not permuted.
     """
-    split = split or GenerativeSplit(cu_seqlens, gen_mask)
+    split = split or GenerativeSplit.from_mask(cu_seqlens, gen_mask)
     if split.max_gen == 0:
         return kernel(q, k, v, cu_seqlens, cu_seqlens, split.max_known, split.max_known)[0]
-    (qk, qg), (kk, kg), (vk, vg) = (permute_tokens(t, split.order, split.restore).split(
-        [split.n_known, t.shape[0] - split.n_known]) for t in (q, k, v))  # (Tk, H, Dh), (Tg, H, Dh)
+    (qk, qg), (kk, kg), (vk, vg) = (split.parts(t) for t in (q, k, v))  # (Tk, H, Dh), (Tg, H, Dh)
     out_known = kernel(qk, kk, vk, split.cu_known, split.cu_known, split.max_known, split.max_known)[0]
     cross, lse = kernel(qg, kk, vk, split.cu_gen, split.cu_known, split.max_gen, split.max_known)  # (Tg, H, Dh), (Tg, H)
     mean_key = None if getattr(kernel, "lse_has_gradient", False) else \
         lse_gradient_keys(qg, kk, kernel, split.cu_gen, split.cu_known, split.max_gen, split.max_known)
     out_gen = mix(cross, lse, mean_key, qg, kg, vg)  # (Tg, H, Dh)
-    return permute_tokens(torch.cat([out_known, out_gen]), split.restore, split.order)
+    return split.back(torch.cat([out_known, out_gen]))  # (T, H, Dh); the kernels' outputs are new tensors: one cat
 
 
 class VarlenAttention(AttentionBackend):
@@ -323,7 +393,16 @@ class VarlenAttention(AttentionBackend):
     def plan(self, cu_seqlens, max_seqlen, gen_mask):
         plan = PackedPlan(cu_seqlens, max_seqlen, gen_mask)
         if plan.gen_mask is not None:
-            plan.cache["split"] = GenerativeSplit(cu_seqlens, plan.gen_mask)
+            plan.cache["split"] = GenerativeSplit.from_mask(cu_seqlens, plan.gen_mask)
+        return plan
+
+    def plan_layout(self, layout, gen_mask):
+        """Known-first tokens whose generated part is ``gen_mask``: sliced in every layer, never permuted."""
+        split = GenerativeSplit.from_layout(layout, gen_mask)
+        if split is None:
+            return super().plan_layout(layout, gen_mask)
+        plan = PackedPlan(layout.cell_offsets, layout.max_seqlen, gen_mask)
+        plan.cache["split"] = split
         return plan
 
     def packed(self, q, k, v, cu_seqlens, max_seqlen, gen_mask, plan=None):
@@ -342,7 +421,7 @@ class VarlenAttention(AttentionBackend):
         lengths = real.sum(dim=1)
         flat = [t.transpose(1, 2)[real] for t in (q, k, v)]  # (T, H, Dh)
         flat_gen = None if gen_mask is None else gen_mask[real]
-        packed = self.packed(*flat, _cumulative(lengths), int(lengths.max()), flat_gen)
+        packed = self.packed(*flat, cumulative(lengths), int(lengths.max()), flat_gen)
         out = q.new_zeros(batch, length, heads, q.shape[-1])
         out[real] = packed
         return out.transpose(1, 2)

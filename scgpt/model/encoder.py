@@ -36,7 +36,7 @@ class SelfAttention(nn.Module):
         """q/k/v (..., 3, H, Dh) -> attention output (..., D), before the output projection."""
         if layout.is_packed:
             q, k, v = qkv.unbind(dim=-3)  # (T, H, Dh)
-            out = backend.packed(q, k, v, layout.cu_seqlens, layout.max_seqlen, gen_mask, plan)
+            out = backend.packed_layout(q, k, v, plan or backend.plan_layout(layout, gen_mask))
         else:
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # (B, H, L, Dh)
             out = backend.padded(q, k, v, layout.padding_mask, gen_mask).transpose(1, 2)  # (B, L, H, Dh)
@@ -121,7 +121,7 @@ class TransformerEncoder(nn.Module):
             self.backend.compile_elementwise()
 
     def forward(self, x: Tensor, layout: TokenLayout, gen_mask: Tensor | None = None) -> Tensor:
-        plan = self.backend.plan(layout.cu_seqlens, layout.max_seqlen, gen_mask) if layout.is_packed else None
+        plan = self.backend.plan_layout(layout, gen_mask) if layout.is_packed else None
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:

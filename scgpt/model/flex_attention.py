@@ -8,7 +8,8 @@ merge, no permutation gathers and no ``cat``. Padded ``(B, L)`` rows use the sam
 padding keys hidden.
 
 The block mask depends only on the cells' lengths and generated tokens, so it is built once per forward
-(in :meth:`FlexAttention.plan`) and shared by every layer. On CUDA the attention call is compiled
+(in :meth:`FlexAttention.plan_layout`) and shared by every layer; it reads each token's cell, so the
+known-first packed layout needs no permutation either. On CUDA the attention call is compiled
 (``torch.compile``: FlexAttention's Triton kernel, or its FLASH backend, CuTe DSL from the
 flash-attn-4 wheel, with ``flex_flash``). torch's FlexAttention has no backward on CPU, so
 :func:`scgpt.model.attention_backends.build_attention_backend` offers it on CUDA only; CPU tests run its eager
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from scgpt.model.attention import AttentionBackend, PackedPlan
+from scgpt.model.layout import TokenLayout
 
 
 def packed_mask_mod(seq_ids: Tensor, gen_mask: Tensor | None) -> Callable:
@@ -82,13 +84,13 @@ class FlexAttention(AttentionBackend):
         return self._flex(q.device)(q, k, v, block_mask=block_mask, **options)
 
     def plan(self, cu_seqlens: Tensor, max_seqlen: int, gen_mask: Tensor | None) -> PackedPlan:
-        plan = PackedPlan(cu_seqlens, max_seqlen, gen_mask)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
-        n_tokens = int(cu_seqlens[-1])
-        seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
-                                          output_size=n_tokens)  # (T,)
-        plan.cache["block_mask"] = self._block_mask(packed_mask_mod(seq_ids, plan.gen_mask), None, n_tokens,
-                                                    cu_seqlens.device)
+        return self.plan_layout(TokenLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen), gen_mask)
+
+    def plan_layout(self, layout: TokenLayout, gen_mask: Tensor | None) -> PackedPlan:
+        """The block mask from each token's cell (``layout.seq_ids``): any packed order, no permutation."""
+        plan = PackedPlan(layout.cell_offsets, layout.max_seqlen, gen_mask)
+        plan.cache["block_mask"] = self._block_mask(packed_mask_mod(layout.seq_ids, plan.gen_mask), None,
+                                                    layout.n_tokens, layout.device)
         return plan
 
     def packed(self, q, k, v, cu_seqlens, max_seqlen, gen_mask, plan=None):

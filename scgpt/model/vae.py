@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from scgpt.errors import ConfigError
+from scgpt.model.layout import TokenLayout
 
 
 @dataclass
@@ -84,20 +85,18 @@ def reconstruction_loss(x_hat: Tensor, x: Tensor, x_logvar: Tensor | None = None
     return (0.5 * ((x_hat - x).pow(2) * torch.exp(-x_logvar) + x_logvar).sum(-1)).mean()
 
 
-def dense_expression(gene_ids: Tensor, values: Tensor, n_genes: int, padding_mask: Tensor | None = None,
-                     cu_seqlens: Tensor | None = None, scale: float = 1.0) -> Tensor:
+def dense_expression(gene_ids: Tensor, values: Tensor, n_genes: int, layout: TokenLayout,
+                     scale: float = 1.0) -> Tensor:
     """(B, n_genes) float matrix of a token batch's values (binned, divided by ``scale``) at their gene ids;
     genes not among a cell's tokens (unexpressed, or sampled out beyond max_seq_len) are 0. Tokens with a
-    value <= 0 (<cls> carries pad_value; padding) are skipped."""
-    if padding_mask is not None:
-        real = ~padding_mask
-        rows = torch.arange(real.shape[0], device=gene_ids.device)[:, None].expand_as(real)[real]
-        ids, vals, n_cells = gene_ids[real], values[real], real.shape[0]
+    value <= 0 (<cls> carries pad_value; padding) are skipped. Any layout (padded, or packed in any order)."""
+    n_cells = layout.n_cells
+    if not layout.is_packed:
+        real = ~layout.padding_mask  # (B, L)
+        rows = torch.arange(n_cells, device=gene_ids.device)[:, None].expand_as(real)[real]
+        ids, vals = gene_ids[real], values[real]
     else:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        n_cells = lengths.numel()
-        rows = torch.repeat_interleave(torch.arange(n_cells, device=gene_ids.device), lengths)
-        ids, vals = gene_ids, values
+        rows, ids, vals = layout.seq_ids, gene_ids, values  # (T,)
     keep = vals > 0
     x = torch.zeros(n_cells, n_genes, dtype=torch.float32, device=gene_ids.device)
     x[rows[keep], ids[keep]] = vals[keep].float() / scale

@@ -45,6 +45,5 @@ def _has(batch, tokens: torch.Tensor) -> torch.Tensor:
     """(B,) whether each cell has any of the given tokens."""
     if batch.padding_mask is not None:
         return tokens.any(dim=1)
-    cell = torch.repeat_interleave(torch.arange(batch.n_cells, device=tokens.device),
-                                   (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long())
+    cell = batch.layout.seq_ids  # (T,) in any packed order
     return torch.bincount(cell[tokens], minlength=batch.n_cells) > 0

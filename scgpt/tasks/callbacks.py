@@ -69,7 +69,7 @@ class CellThroughputMonitor(L.Callback):
             return 0.0, 0.0
         from scgpt.flops import count_flops, generated_per_cell
 
-        generated = generated_per_cell(getattr(batch, "gen_mask", None), batch.layout.cu_seqlens)
+        generated = generated_per_cell(getattr(batch, "gen_mask", None), batch.layout)
         count = count_flops(model_cfg, batch.layout.lengths, generated)
         return count.training_step, count.training_step_work_done
 

@@ -141,10 +141,8 @@ def binned_expression(batch: CellBatch, n_genes: int) -> sp.csr_matrix:
         real = ~batch.padding_mask.cpu()  # (B, L)
         rows = torch.arange(real.shape[0])[:, None].expand_as(real)[real]
         ids, values = gene_ids[real], values[real]
-    else:
-        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long().cpu()  # (B,)
-        rows = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-        ids = gene_ids
+    else:  # packed, in any order
+        rows, ids = batch.layout.seq_ids.cpu(), gene_ids  # (T,)
     keep = values > 0  # drops <cls> (pad_value) and zeros
     return sp.csr_matrix((values[keep].float().numpy(), (rows[keep].numpy(), ids[keep].numpy())),
                          shape=(batch.n_cells, n_genes))

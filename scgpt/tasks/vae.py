@@ -66,8 +66,7 @@ class VAETask(TrainingTask):
 
     # ---- forward and losses -----------------------------------------------------------------
     def expression(self, batch: CellBatch) -> Tensor:
-        return dense_expression(batch.gene_ids, batch.target_values, self.model.n_genes, batch.padding_mask,
-                                batch.cu_seqlens, self.scale)
+        return dense_expression(batch.gene_ids, batch.target_values, self.model.n_genes, batch.layout, self.scale)
 
     def losses(self, batch: CellBatch) -> tuple[Tensor, dict[str, Tensor], VAEOutput, Tensor]:
         x = self.expression(batch)

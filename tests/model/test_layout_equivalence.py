@@ -1,4 +1,4 @@
-"""Padded, packed (unpadded) and grouped-packed computations give the same losses and gradients; speed
+"""Padded, packed (unpadded), packed known-first and grouped-packed computations give the same losses and gradients; speed
 options (activation checkpointing) keep them; GPU-only paths skip cleanly without CUDA."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from scgpt.objectives import ObjectiveContext, build_objectives
 from conftest import PAD, VOCAB, tiny_config
 
 WEIGHTS = {"gep": 1.0, "gen": 1.0, "mvc": 1.0}
+LAYOUTS = ("padded", "packed", "packed_known_first")  # known-first: tests/model/test_known_first_layout.py
 
 
 def _grouped(tolerance):
@@ -46,7 +47,7 @@ def _batches(n_cells=7, seed=0, generative_fraction=0.5):
         cells.append({"gene_ids": rng.choice(np.arange(3, VOCAB), size=n, replace=False),
                       "counts": rng.geometric(0.3, size=n).astype(np.float32)})
     out = {}
-    for layout in ("padded", "packed"):
+    for layout in LAYOUTS:
         collator = CellCollator(CollatorConfig(pad_token_id=PAD, cls_token_id=1, max_seq_len=32,
                                                generative_fraction=generative_fraction, layout=layout))
         out[layout] = collator(cells, torch.Generator().manual_seed(seed))
@@ -77,7 +78,7 @@ def _loss_and_grads(backend, batch, checkpointing=False, device="cpu", autocast_
 def test_padded_and_packed_give_the_same_losses_and_gradients(name, generative_fraction):
     batches = _batches(generative_fraction=generative_fraction)
     ref_terms, ref_grads = _loss_and_grads(ReferenceAttention(), batches["padded"])
-    for layout in ("padded", "packed"):
+    for layout in LAYOUTS:
         terms, grads = _loss_and_grads(BACKENDS[name](), batches[layout])
         assert terms.keys() == ref_terms.keys()
         for key in terms:
@@ -98,7 +99,7 @@ def test_flex_attention_gives_the_reference_losses_and_gradients(monkeypatch):
     monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
     batches = _batches(generative_fraction=0.5)
     ref_terms, ref_grads = _loss_and_grads(ReferenceAttention(), batches["padded"])
-    for layout in ("padded", "packed"):
+    for layout in LAYOUTS:
         terms, grads = _loss_and_grads(FlexAttention(compiled=False), batches[layout])
         for key in ref_terms:
             torch.testing.assert_close(terms[key], ref_terms[key], atol=1e-5, rtol=1e-5, msg=f"{layout} {key}")
@@ -161,7 +162,7 @@ def test_packed_matches_padded_on_gpu(name, generative_fraction):
 
     batches = {k: _to_cuda(v) for k, v in _batches(generative_fraction=generative_fraction).items()}
     ref_terms, ref_grads = _loss_and_grads(ReferenceAttention(), batches["padded"], device="cuda")
-    for layout in ("padded", "packed"):
+    for layout in LAYOUTS:
         terms, grads = _loss_and_grads(build_attention_backend(name), batches[layout], device="cuda",
                                        autocast_dtype=torch.bfloat16)
         for key in terms:

@@ -131,3 +131,22 @@ def test_grn_scores_gene_embedding_network_against_the_planted_one(tmp_path):
     assert "grn_early_precision" in val and "grn_auprc_over_random" in val
     # the planted network is real: co-expression of the validation cells recovers it well above random
     assert val["coexpr/grn_auprc"] > 3 * val["grn_auprc_random"]
+
+
+@pytest.mark.parametrize("layout", ["packed", "packed_known_first"])
+def test_binned_expression_is_the_same_in_every_layout(layout):
+    """The expression matrix the finetune baselines use (one row per cell) does not depend on token order."""
+    import numpy as np
+
+    from data_modules.collate import CellCollator, CollatorConfig
+    from scgpt.tasks.finetune import binned_expression
+
+    rng = np.random.default_rng(0)
+    cells = [{"gene_ids": rng.choice(np.arange(3, 100), size=n, replace=False),
+              "counts": rng.geometric(0.3, size=n).astype(np.float32)} for n in (5, 30, 12)]
+    matrices = []
+    for name in ("padded", layout):
+        collator = CellCollator(CollatorConfig(pad_token_id=0, cls_token_id=1, max_seq_len=32, generative_fraction=1.0,
+                                               layout=name))
+        matrices.append(binned_expression(collator(cells, torch.Generator().manual_seed(0)), 100).toarray())
+    assert np.array_equal(matrices[0], matrices[1]) and matrices[0].sum() > 0

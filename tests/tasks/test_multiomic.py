@@ -66,7 +66,7 @@ TABLE = np.full(120, SPECIAL)
 TABLE[3:60], TABLE[60:80], TABLE[80:120] = RNA, ADT, ATAC
 
 
-def _batch(layout: str, seed: int = 0):
+def _batch(layout: str, seed: int = 0, generative_fraction: float = 0.0):
     rng = np.random.default_rng(seed)
     cells = []
     for n_rna, n_adt, n_atac in [(10, 5, 0), (3, 0, 6), (20, 8, 9), (0, 4, 0)]:
@@ -75,7 +75,8 @@ def _batch(layout: str, seed: int = 0):
                               rng.choice(np.arange(80, 120), n_atac, replace=False)])
         cells.append({"gene_ids": ids, "counts": rng.integers(1, 20, ids.size).astype(np.float32)})
     collator = CellCollator(CollatorConfig(pad_token_id=CFG.pad_token_id, cls_token_id=1, max_seq_len=64,
-                                           layout=layout), gene_modality=TABLE)
+                                           generative_fraction=generative_fraction, layout=layout),
+                            gene_modality=TABLE)
     return collator(cells, make_generator(seed))
 
 
@@ -122,6 +123,44 @@ def test_modality_dropout_removes_one_whole_modality_of_multimodal_cells(layout)
         else:
             assert new_mods == mods  # a single-modality cell keeps everything
     assert drop_modalities(batch, 0.0, make_generator(3), CFG.pad_token_id, CFG.pad_value) is batch
+
+
+def _known_first_order(packed):
+    """(T,) the packed token at each known-first position."""
+    from scgpt.model.attention import GenerativeSplit
+
+    return GenerativeSplit.from_mask(packed.cu_seqlens, packed.gen_mask).order
+
+
+def test_select_tokens_modality_dropout_and_cross_modal_loss_on_known_first_tokens_match_packed():
+    """data.layout=packed_known_first: the same kept tokens in known-first order, the same cell lengths, and
+    the same cross-modal contrastive loss as on packed tokens."""
+    from scgpt.model.scgpt import ScGPTModel
+    from scgpt.objectives import ObjectiveContext
+    from scgpt.objectives.multimodal import CrossModalContrastive
+
+    packed, first = (_batch(layout, generative_fraction=1.0) for layout in ("packed", "packed_known_first"))
+    assert first.cu_known is not None and bool(first.gen_mask.any())
+    keep = packed.modality_ids == ADT
+    pairs = [(select_tokens(packed, keep, CFG.pad_token_id, CFG.pad_value),
+              select_tokens(first, keep[_known_first_order(packed)], CFG.pad_token_id, CFG.pad_value))]
+    pairs.append(tuple(drop_modalities(b, 0.99, make_generator(3), CFG.pad_token_id, CFG.pad_value)
+                       for b in (packed, first)))
+    for ours, theirs in pairs:
+        order = _known_first_order(ours)
+        for name in ("gene_ids", "values", "modality_ids", "gen_mask", "hidden_mask"):
+            assert torch.equal(getattr(theirs, name), getattr(ours, name)[order]), name
+        assert torch.equal(theirs.layout.lengths, ours.layout.lengths)
+        assert theirs.max_seqlen == ours.max_seqlen
+    cfg = tiny_config(n_modalities=4)
+    model = ScGPTModel(cfg)
+
+    def forward(b):
+        return model(b.gene_ids, b.values, b.layout, modality_ids=b.modality_ids)
+
+    objective = CrossModalContrastive(1.0, temperature=0.2)
+    losses = [objective(forward(b), b, ObjectiveContext(forward=forward))["cmc"] for b in (packed, first)]
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scgpt.errors import ConfigError
+from scgpt.model.layout import TokenLayout
 from scgpt.model.vae import VAE, dense_expression, kl_divergence, reconstruction_loss
 from scgpt.train import train
 
@@ -45,13 +46,18 @@ def test_dense_expression_scatters_tokens_and_skips_cls_and_padding():
     gene_ids = torch.tensor([[1, 5, 7, 0], [1, 6, 0, 0]])  # 1 = <cls>, 0 = <pad>
     values = torch.tensor([[-2.0, 10.0, 50.0, -2.0], [-2.0, 25.0, -2.0, -2.0]])
     padding = torch.tensor([[False, False, False, True], [False, False, True, True]])
-    x = dense_expression(gene_ids, values, 8, padding_mask=padding, scale=50.0)
+    x = dense_expression(gene_ids, values, 8, TokenLayout(padding_mask=padding), scale=50.0)
     expected = torch.zeros(2, 8)
     expected[0, 5], expected[0, 7], expected[1, 6] = 0.2, 1.0, 0.5
     assert torch.equal(x, expected)
     packed = dense_expression(torch.tensor([1, 5, 7, 1, 6]), torch.tensor([-2.0, 10.0, 50.0, -2.0, 25.0]), 8,
-                              cu_seqlens=torch.tensor([0, 3, 5]), scale=50.0)
+                              TokenLayout(cu_seqlens=torch.tensor([0, 3, 5])), scale=50.0)
     assert torch.equal(packed, expected)
+    # known-first: the known tokens of both cells (<cls> 5 | <cls>), then the generated ones (7 | 6)
+    known_first = TokenLayout(cu_known=torch.tensor([0, 2, 3]), cu_gen=torch.tensor([0, 1, 2]))
+    x = dense_expression(torch.tensor([1, 5, 1, 7, 6]), torch.tensor([-2.0, 10.0, -2.0, 50.0, 25.0]), 8, known_first,
+                         scale=50.0)
+    assert torch.equal(x, expected)
 
 
 BASE = [*SMALL_DATA, "model=vae", "model.max_seq_len=200", "logger=none", "data.val_fraction=0.25",
