@@ -163,7 +163,5 @@ def test_throughput_monitor_logs_work_done_below_model_flops_with_generated_toke
     known_first = TokenLayout(cu_known=cumulative((~padding & ~gen).sum(1)), cu_gen=cumulative(gen.sum(1)))
     batch = SimpleNamespace(layout=known_first, gen_mask=torch.cat([gen[~padding & ~gen], gen[gen]]), n_cells=3,
                             n_tokens=13)
-    monitor = CellThroughputMonitor()
-    monitor.on_train_batch_start(trainer, module, batch, 0)
-    monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    monitor, _ = _one_monitored_step(cfg, 0.001, batch)
     assert monitor.flops == count.training_step and monitor.flops_work_done == count.training_step_work_done
