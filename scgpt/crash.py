@@ -32,7 +32,7 @@ from pathlib import Path
 
 from scgpt.errors import CheckpointError, ScgptError
 from scgpt.io import error_line, process_rank
-from scgpt.preemption import checkpoint_step, newest_complete_checkpoint
+from scgpt.preemption import checkpoint_step, in_slurm_batch_job, newest_complete_checkpoint
 
 EXIT_CODE = 2  # the run cannot go on until the user acts (resuming included), as for a user's mistake
 LOG_NAME = "train.log"
@@ -208,11 +208,6 @@ def resume_command(run: RunInfo, checkpoint: Path) -> str:
 def _resume_overrides(run: RunInfo, checkpoint: Path) -> list[str]:
     same_dir = [] if any(a.startswith("run_dir=") for a in run.overrides) else [f"hydra.run.dir={run.run_dir}"]
     return [*same_dir, f"ckpt_path={checkpoint}"]
-
-
-def in_slurm_batch_job() -> bool:
-    """Started by a SLURM batch job (sbatch + srun), not in an interactive allocation (as Lightning tells them)."""
-    return "SLURM_JOB_ID" in os.environ and os.environ.get("SLURM_JOB_NAME") not in (None, "bash", "interactive")
 
 
 def how_to_resume(run: RunInfo, checkpoint: Path) -> str:

@@ -44,10 +44,15 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def in_slurm_batch_job() -> bool:
+    """Started by a SLURM batch job (sbatch), not in an interactive allocation (as Lightning tells them)."""
+    return bool(slurm_job_id()) and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
 def requeue_slurm_job() -> bool:
-    job = slurm_job_id()
-    if not job or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+    if not in_slurm_batch_job():
         return False
+    job = slurm_job_id()
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
